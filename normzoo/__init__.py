@@ -1,0 +1,42 @@
+"""normzoo: batch-normalization layers, model surgery and the diagnostics to see what they do.
+
+Example:
+    >>> import torch, normzoo as nz
+    >>> layer = nz.BatchRenorm2d(8)
+    >>> layer(torch.randn(4, 8, 5, 5)).shape
+    torch.Size([4, 8, 5, 5])
+"""
+
+from . import functional
+from .__version__ import __version__
+from .layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    NoisyBatchNorm1d,
+    NoisyBatchNorm2d,
+    NoisyBatchNorm3d,
+    create_norm_layer,
+    get_norm_layer,
+    is_batch_norm,
+)
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "NoisyBatchNorm1d",
+    "NoisyBatchNorm2d",
+    "NoisyBatchNorm3d",
+    "__version__",
+    "create_norm_layer",
+    "functional",
+    "get_norm_layer",
+    "is_batch_norm",
+]

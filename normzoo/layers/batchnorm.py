@@ -1,0 +1,57 @@
+"""BatchNorm (Ioffe & Szegedy 2015) on torch's native kernel, in normzoo's layer hierarchy."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import functional as NF
+from ._base import BatchNormBase, Input1d, Input2d, Input3d
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _BatchNorm(BatchNormBase):
+    def _normalize(self, input: Tensor) -> Tensor:
+        momentum = self._average_factor()
+        running_mean, running_var = self._running_stats_to_update()
+        return NF.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, self._uses_batch_stats(), momentum, self.eps
+        )
+
+
+class BatchNorm1d(Input1d, _BatchNorm):
+    """BatchNorm over ``(N, C)`` or ``(N, C, L)`` inputs; a drop-in for :class:`torch.nn.BatchNorm1d`.
+
+    Same constructor, parameters, buffers, ``state_dict`` keys and numbers as torch's (it runs torch's
+    kernel), with normzoo's input checks and surgery support.
+
+    Example:
+        >>> import torch
+        >>> bn = BatchNorm1d(3)
+        >>> y = bn(torch.randn(8, 3))
+        >>> bn
+        BatchNorm1d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+        >>> torch.nn.BatchNorm1d(3).load_state_dict(bn.state_dict())
+        <All keys matched successfully>
+    """
+
+
+class BatchNorm2d(Input2d, _BatchNorm):
+    """BatchNorm over ``(N, C, H, W)`` inputs; a drop-in for :class:`torch.nn.BatchNorm2d`.
+
+    Example:
+        >>> import torch
+        >>> bn = BatchNorm2d(4)
+        >>> bn(torch.randn(2, 4, 5, 5)).shape
+        torch.Size([2, 4, 5, 5])
+    """
+
+
+class BatchNorm3d(Input3d, _BatchNorm):
+    """BatchNorm over ``(N, C, D, H, W)`` inputs; a drop-in for :class:`torch.nn.BatchNorm3d`.
+
+    Example:
+        >>> import torch
+        >>> BatchNorm3d(2)(torch.randn(2, 2, 3, 3, 3)).shape
+        torch.Size([2, 2, 3, 3, 3])
+    """

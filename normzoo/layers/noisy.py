@@ -1,0 +1,126 @@
+"""Noisy BatchNorm (Santurkar et al. 2018, "How does batch normalization help optimization?")."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import functional as NF
+from ._base import BatchNormBase, Input1d, Input2d, Input3d
+
+__all__ = ["NoisyBatchNorm1d", "NoisyBatchNorm2d", "NoisyBatchNorm3d"]
+
+#: Default half-width of the uniform distribution of the per-step noise mean.
+DEFAULT_MEAN_RANGE = 1.0
+#: Default bounds of the uniform distribution of the per-step noise standard deviation.
+DEFAULT_STD_RANGE = (0.5, 1.5)
+
+
+class _NoisyBatchNorm(BatchNormBase):
+    """BatchNorm whose training output is made deliberately unstable (Santurkar et al. 2018).
+
+    In training, after normalization, every value of channel ``c`` of every sample gets i.i.d. noise
+    ``ε ~ N(m_c, s_c²)``, and the distribution itself is re-drawn at every step:
+    ``m_c ~ U(−mean_range, mean_range)`` and ``s_c ~ U(std_range[0], std_range[1])``. The layer's outputs
+    thus have a non-zero mean and a non-unit variance that change from step to step — more internal
+    covariate shift than no normalization at all — and yet such networks train about as well as with
+    BatchNorm, which is the paper's evidence that reducing covariate shift is not why BatchNorm works.
+    Eval is exactly BatchNorm's.
+
+    The defaults (``mean_range=1``, ``std_range=(0.5, 1.5)``) put the noise on the scale of the normalized
+    activations it perturbs: a channel's mean moves by up to one of its standard deviations per step and its
+    variance becomes ``1 + s_c²``, between 1.25 and 3.25. The paper's exact constants are not reproduced.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance before the square root.
+        momentum: weight of the batch statistics in the running ones; ``None`` for a cumulative average.
+        affine: learn ``γ`` and ``β``.
+        track_running_stats: keep running statistics for eval (else eval uses batch statistics).
+        mean_range: half-width of the uniform distribution of each step's noise mean.
+        std_range: bounds of the uniform distribution of each step's noise standard deviation.
+        generator: the random generator for the noise (on the layer's device); ``None`` for torch's global one.
+        device: where to create parameters and buffers.
+        dtype: dtype of parameters and buffers.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        mean_range: float = DEFAULT_MEAN_RANGE,
+        std_range: tuple[float, float] = DEFAULT_STD_RANGE,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        low, high = std_range
+        if mean_range < 0 or not 0 <= low <= high:
+            raise ValueError(
+                f"{type(self).__name__}: expected mean_range >= 0 and 0 <= std_range[0] <= std_range[1], "
+                f"got mean_range={mean_range}, std_range={std_range}"
+            )
+        self.mean_range = float(mean_range)
+        self.std_range = (float(low), float(high))
+        self.generator = generator
+
+    def _normalize(self, input: Tensor) -> Tensor:
+        momentum = self._average_factor()
+        running_mean, running_var = self._running_stats_to_update()
+        if not self.training:
+            return NF.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, self._uses_batch_stats(), momentum, self.eps
+            )
+        if self.generator is not None and self.generator.device != input.device:
+            raise RuntimeError(
+                f"{type(self).__name__} has its generator on {self.generator.device} but got input on "
+                f"{input.device}; give it a generator on the input's device"
+            )
+        dtype = self.bias.dtype if self.bias is not None else torch.promote_types(input.dtype, torch.float32)
+        noise_mean, noise_std = NF.sample_noise_moments(
+            self.num_features, self.mean_range, self.std_range,
+            generator=self.generator, device=input.device, dtype=dtype,
+        )  # fmt: skip
+        return NF.noisy_batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
+            noise_mean, noise_std, self.generator,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mean_range={self.mean_range}, std_range={self.std_range}"
+
+
+class NoisyBatchNorm1d(Input1d, _NoisyBatchNorm):
+    __doc__ = (_NoisyBatchNorm.__doc__ or "") + """
+    Example:
+        >>> import torch
+        >>> layer = NoisyBatchNorm1d(3, generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(256, 3)
+        >>> bool(layer(x).var(0).min() > 1.1)  # training: noisier than BatchNorm
+        True
+        >>> torch.equal(layer.eval()(x), torch.nn.functional.batch_norm(
+        ...     x, layer.running_mean, layer.running_var, layer.weight, layer.bias))
+        True
+    """
+
+
+class NoisyBatchNorm2d(Input2d, _NoisyBatchNorm):
+    __doc__ = (_NoisyBatchNorm.__doc__ or "") + """
+    Example:
+        >>> import torch
+        >>> NoisyBatchNorm2d(4)(torch.randn(2, 4, 3, 3)).shape
+        torch.Size([2, 4, 3, 3])
+    """
+
+
+class NoisyBatchNorm3d(Input3d, _NoisyBatchNorm):
+    __doc__ = (_NoisyBatchNorm.__doc__ or "") + """
+    Example:
+        >>> import torch
+        >>> NoisyBatchNorm3d(2)(torch.randn(2, 2, 2, 2, 2)).shape
+        torch.Size([2, 2, 2, 2, 2])
+    """
