@@ -112,8 +112,10 @@ def renorm_correction(
         raise ValueError(f"renorm_correction expects d_max >= 0, got {d_max}")
     with torch.no_grad():
         running_std = (running_var + eps).sqrt()
-        r = torch.clamp((batch_var + eps).sqrt() / running_std, min=1.0 / r_max, max=r_max)
-        d = torch.clamp((batch_mean - running_mean) / running_std, min=-d_max, max=d_max)
+        r_bound = torch.as_tensor(r_max, dtype=running_std.dtype, device=running_std.device)
+        d_bound = torch.as_tensor(d_max, dtype=running_std.dtype, device=running_std.device)
+        r = torch.clamp((batch_var + eps).sqrt() / running_std, min=r_bound.reciprocal(), max=r_bound)
+        d = torch.clamp((batch_mean - running_mean) / running_std, min=-d_bound, max=d_bound)
     return r, d
 
 
@@ -184,7 +186,9 @@ def sample_noise_moments(
             f"expected mean_range >= 0 and 0 <= std_range[0] <= std_range[1], "
             f"got mean_range={mean_range}, std_range={std_range}"
         )
-    mean = torch.empty(num_features, device=device, dtype=dtype).uniform_(-mean_range, mean_range, generator=generator)
+    mean = torch.empty(num_features, device=device, dtype=dtype).uniform_(
+        -mean_range, mean_range, generator=generator
+    )
     std = torch.empty(num_features, device=device, dtype=dtype).uniform_(low, high, generator=generator)
     return mean, std
 

@@ -39,7 +39,9 @@ class NormBase(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
+            raise ValueError(
+                f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}"
+            )
         if eps <= 0:
             raise ValueError(f"{type(self).__name__}: eps must be positive, got {eps}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
@@ -66,7 +68,9 @@ class NormBase(nn.Module):
             self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
             self.register_buffer(
                 "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
+                torch.tensor(
+                    0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}
+                ),
             )
         else:
             self.register_buffer("running_mean", None)
@@ -77,7 +81,8 @@ class NormBase(nn.Module):
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, step count 0."""
         if self.track_running_stats:
-            assert self.running_mean is not None and self.running_var is not None
+            assert self.running_mean is not None
+            assert self.running_var is not None
             assert self.num_batches_tracked is not None
             self.running_mean.zero_()
             self.running_var.fill_(1)
@@ -87,7 +92,8 @@ class NormBase(nn.Module):
         """Running statistics reset, weight 1, bias 0."""
         self.reset_running_stats()
         if self.affine:
-            assert self.weight is not None and self.bias is not None
+            assert self.weight is not None
+            assert self.bias is not None
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
@@ -109,7 +115,7 @@ class NormBase(nn.Module):
     ) -> None:
         # Checkpoints written before num_batches_tracked existed (torch's version < 2) lack it: start at 0,
         # as torch does, so that old torch BN checkpoints load too.
-        version = local_metadata.get("version", None)
+        version = local_metadata.get("version")
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
             assert self.num_batches_tracked is not None

@@ -15,7 +15,14 @@ class _BatchNorm(BatchNormBase):
         momentum = self._average_factor()
         running_mean, running_var = self._running_stats_to_update()
         return NF.batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, self._uses_batch_stats(), momentum, self.eps
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            self._uses_batch_stats(),
+            momentum,
+            self.eps,
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -22,7 +22,7 @@ from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __all__ = ["NORM_FAMILIES", "NormSpec", "create_norm_layer", "get_norm_layer", "is_batch_norm", "norm_family"]
 
-NormSpec = Union[str, type[nn.Module], Callable[..., nn.Module]]
+NormSpec = str | type[nn.Module] | Callable[..., nn.Module]
 
 #: The 1d, 2d and 3d classes of each family, by name.
 NORM_FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {

@@ -73,7 +73,14 @@ class _NoisyBatchNorm(BatchNormBase):
         running_mean, running_var = self._running_stats_to_update()
         if not self.training:
             return NF.batch_norm(
-                input, running_mean, running_var, self.weight, self.bias, self._uses_batch_stats(), momentum, self.eps
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                self._uses_batch_stats(),
+                momentum,
+                self.eps,
             )
         if self.generator is not None and self.generator.device != input.device:
             raise RuntimeError(
@@ -95,7 +102,8 @@ class _NoisyBatchNorm(BatchNormBase):
 
 
 class NoisyBatchNorm1d(Input1d, _NoisyBatchNorm):
-    __doc__ = (_NoisyBatchNorm.__doc__ or "") + """
+    """Noisy BatchNorm over ``(N, C)`` or ``(N, C, L)`` inputs; arguments and semantics as in :class:`_NoisyBatchNorm`.
+
     Example:
         >>> import torch
         >>> layer = NoisyBatchNorm1d(3, generator=torch.Generator().manual_seed(0))
@@ -109,7 +117,8 @@ class NoisyBatchNorm1d(Input1d, _NoisyBatchNorm):
 
 
 class NoisyBatchNorm2d(Input2d, _NoisyBatchNorm):
-    __doc__ = (_NoisyBatchNorm.__doc__ or "") + """
+    """Noisy BatchNorm over ``(N, C, H, W)`` inputs; arguments and semantics as in :class:`_NoisyBatchNorm`.
+
     Example:
         >>> import torch
         >>> NoisyBatchNorm2d(4)(torch.randn(2, 4, 3, 3)).shape
@@ -118,7 +127,8 @@ class NoisyBatchNorm2d(Input2d, _NoisyBatchNorm):
 
 
 class NoisyBatchNorm3d(Input3d, _NoisyBatchNorm):
-    __doc__ = (_NoisyBatchNorm.__doc__ or "") + """
+    """Noisy BatchNorm over ``(N, C, D, H, W)`` inputs; arguments and semantics as in :class:`_NoisyBatchNorm`.
+
     Example:
         >>> import torch
         >>> NoisyBatchNorm3d(2)(torch.randn(2, 2, 2, 2, 2)).shape

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -14,7 +13,7 @@ from ._base import BatchNormBase, Input1d, Input2d, Input3d
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
 #: ``step -> (r_max, d_max)``; the step is the number of training steps before the current one.
-RenormSchedule = Callable[[Tensor], tuple[Union[float, Tensor], Union[float, Tensor]]]
+RenormSchedule = Callable[[Tensor], tuple[float | Tensor, float | Tensor]]
 
 
 class _BatchRenorm(BatchNormBase):
@@ -54,7 +53,9 @@ class _BatchRenorm(BatchNormBase):
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         if r_max < 1.0 or d_max < 0.0:
-            raise ValueError(f"{type(self).__name__}: expected r_max >= 1 and d_max >= 0, got {r_max}, {d_max}")
+            raise ValueError(
+                f"{type(self).__name__}: expected r_max >= 1 and d_max >= 0, got {r_max}, {d_max}"
+            )
         if not (schedule is None or schedule == "paper" or callable(schedule)):
             raise ValueError(
                 f"{type(self).__name__}: schedule must be 'paper', None or a callable step -> (r_max, d_max), "
@@ -99,7 +100,8 @@ class _BatchRenorm(BatchNormBase):
 
 
 class BatchRenorm1d(Input1d, _BatchRenorm):
-    __doc__ = (_BatchRenorm.__doc__ or "") + """
+    """Batch Renormalization over ``(N, C)`` or ``(N, C, L)`` inputs; arguments and semantics as in :class:`_BatchRenorm`.
+
     Example:
         >>> import torch
         >>> layer = BatchRenorm1d(3)
@@ -111,7 +113,8 @@ class BatchRenorm1d(Input1d, _BatchRenorm):
 
 
 class BatchRenorm2d(Input2d, _BatchRenorm):
-    __doc__ = (_BatchRenorm.__doc__ or "") + """
+    """Batch Renormalization over ``(N, C, H, W)`` inputs; arguments and semantics as in :class:`_BatchRenorm`.
+
     Example:
         >>> import torch
         >>> layer = BatchRenorm2d(4, schedule=None)
@@ -123,7 +126,8 @@ class BatchRenorm2d(Input2d, _BatchRenorm):
 
 
 class BatchRenorm3d(Input3d, _BatchRenorm):
-    __doc__ = (_BatchRenorm.__doc__ or "") + """
+    """Batch Renormalization over ``(N, C, D, H, W)`` inputs; arguments and semantics as in :class:`_BatchRenorm`.
+
     Example:
         >>> import torch
         >>> BatchRenorm3d(2, r_max=1.0, d_max=0.0)(torch.randn(2, 2, 2, 2, 2)).shape
