@@ -7,8 +7,8 @@ they are given, ``momentum`` is the weight of the new batch statistics, and ``ep
 variance.
 
 Both :func:`batch_renorm` and :func:`noisy_batch_norm` are expressed as torch's native batch norm with a
-per-step affine correction, so they run torch's fused kernels forward and backward and save for backward
-only what torch's BatchNorm saves (the input and two per-channel vectors).
+per-step correction, so they run torch's kernels forward and backward and save for backward only what
+torch's BatchNorm saves (the input and a few per-channel vectors).
 
 Example:
     >>> import torch
@@ -22,9 +22,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "batch_norm",
@@ -135,10 +138,10 @@ def batch_renorm(
 
     In training, ``y = γ·((x − μ_B)/σ_B · r + d) + β`` with ``r`` and ``d`` from :func:`renorm_correction`,
     computed from the running statistics *before* this step updates them and held constant in backprop.
-    Because ``r`` and ``d`` are constants, this equals BatchNorm with weight ``γ·r`` and bias ``β + γ·d``,
-    which is how it is computed: torch's native kernel does the normalization, its backward, and the
-    running-statistics update (unbiased variance over all values of a channel). Outside training, or
-    without running statistics, it is exactly :func:`batch_norm`.
+    Because ``r`` and ``d`` are constants, this is BatchNorm with weight ``γ·r`` and bias ``β + γ·d``: torch's
+    native kernels normalize, update the running statistics (unbiased variance over all values of a
+    channel) and compute the backward; only that affine correction is added, in place. Outside training,
+    or without running statistics, it is exactly :func:`batch_norm`. Double backward is not supported.
 
     Example:
         >>> x = 3 + 2 * torch.randn(64, 2)
@@ -149,16 +152,74 @@ def batch_renorm(
     """
     if not training or running_mean is None or running_var is None:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    # r_max == 1 and d_max == 0 (the paper's warm-up) is BatchNorm exactly: skip the statistics pass.
-    if isinstance(r_max, Tensor) or isinstance(d_max, Tensor) or r_max != 1.0 or d_max != 0.0:
-        batch_mean, batch_var = batch_norm_stats(input)
-        r, d = renorm_correction(batch_mean, batch_var, running_mean, running_var, r_max, d_max, eps)
-        r, d = r.to(running_var.dtype), d.to(running_var.dtype)
-        if weight is None:
-            weight, bias = r, d if bias is None else bias + d
-        else:
-            weight, bias = weight * r, weight * d if bias is None else torch.addcmul(bias, weight, d)
-    return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+    if not isinstance(r_max, Tensor) and not isinstance(d_max, Tensor) and r_max == 1.0 and d_max == 0.0:
+        # The paper's warm-up bounds make r = 1 and d = 0: BatchNorm exactly, on its own fused kernel.
+        return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+    return _BatchRenormFunction.apply(
+        input, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max
+    )
+
+
+class _BatchRenormFunction(torch.autograd.Function):
+    """Training-mode Batch Renormalization on torch's native batch-norm forward and backward kernels.
+
+    Forward normalizes with the native kernel (which also updates the running statistics), then applies
+    the per-channel affine map ``x̂ ↦ γ·r·x̂ + (β + γ·d)`` in place. Backward is the native batch-norm
+    backward with weight ``γ·r``; the parameter gradients follow from the chain rule through the affine
+    map, with ``r`` and ``d`` constant. Saved: the input, ``γ·r``, ``r``, ``d`` and the batch statistics.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        momentum: float,
+        eps: float,
+        r_max: float | Tensor,
+        d_max: float | Tensor,
+    ) -> Tensor:
+        old_mean, old_var = running_mean.clone(), running_var.clone()
+        out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            input, None, None, running_mean, running_var, True, momentum, eps
+        )
+        # The kernel keeps 1 / sqrt(σ²_B + eps); renorm_correction adds eps back under the square root.
+        batch_var = save_invstd.pow(-2) - eps
+        r, d = renorm_correction(save_mean, batch_var, old_mean, old_var, r_max, d_max, eps)
+        r, d = r.to(old_var.dtype), d.to(old_var.dtype)
+        scale = r if weight is None else weight * r
+        shift = d if weight is None else weight * d
+        if bias is not None:
+            shift = shift + bias
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        torch.addcmul(shift.view(shape), out, scale.view(shape), out=out)
+        ctx.save_for_backward(input, scale, r, d, save_mean, save_invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        input, scale, r, d, save_mean, save_invstd = ctx.saved_tensors
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_input, grad_scale, grad_shift = torch.ops.aten.native_batch_norm_backward(
+            grad_out,
+            input,
+            scale,
+            None,
+            None,
+            save_mean,
+            save_invstd,
+            True,
+            ctx.eps,
+            [needs_input, needs_weight, needs_weight or needs_bias],
+        )
+        grad_weight = grad_scale * r + grad_shift * d if needs_weight else None
+        grad_bias = grad_shift if needs_bias else None
+        return grad_input if needs_input else None, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def sample_noise_moments(
