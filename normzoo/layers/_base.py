@@ -4,17 +4,86 @@ Modelled on ``torch.nn.modules.batchnorm``: :class:`NormBase` owns the parameter
 versioning and ``extra_repr`` (all named exactly as torch's, so checkpoints move between the two), and
 :class:`BatchNormBase` adds the training-mode bookkeeping (``num_batches_tracked``, cumulative
 ``momentum=None``) and input checks. A family implements :meth:`BatchNormBase._normalize`; a dimension
-(1d/2d/3d) sets only :attr:`BatchNormBase._input_dims`.
+(1d/2d/3d) sets only :attr:`BatchNormBase._input_dims`. :class:`SyncMixin` holds the synchronization
+settings (``sync``, ``process_group``) that every layer of the family has, see ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["BatchNormBase", "Input1d", "Input2d", "Input3d", "NormBase"]
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["BatchNormBase", "Input1d", "Input2d", "Input3d", "NormBase", "ProcessGroupRef", "SyncMixin"]
+
+
+class ProcessGroupRef:
+    """A layer's process group, held so that the layer can be deep-copied.
+
+    A process group is a handle on this process's communicator: it cannot be copied or pickled, so a layer
+    holding one directly (as torch's ``SyncBatchNorm`` does) breaks ``copy.deepcopy`` of the model. Through
+    this reference a deep copy shares the group, and pickling fails with a message that says what to do.
+    """
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ProcessGroupRef:
+        return self
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a normzoo layer synchronized over an explicit process group cannot be pickled: process groups "
+            "exist only in the process that created them. Save the state_dict, or set the layer's "
+            "process_group to None (the default group) or call normzoo.revert_sync(model) before pickling."
+        )
+
+    def __repr__(self) -> str:
+        return f"ProcessGroupRef({self.group!r})"
+
+
+class SyncMixin:
+    """Synchronization settings of a batch-normalization layer (``sync`` and ``process_group``).
+
+    With ``sync`` true, the layer reduces its batch statistics over ``process_group`` (``None``: the
+    default group, as in torch's ``SyncBatchNorm``) when it is training, ``torch.distributed`` is
+    initialized and the group has more than one process; otherwise it computes exactly what it computes
+    unsynchronized. Neither setting is a parameter or buffer, so ``state_dict`` is unchanged, and a deep
+    copy keeps both (sharing the group).
+    """
+
+    training: bool
+    #: Reduce batch statistics over :attr:`process_group` in training.
+    sync: bool = False
+    _process_group_ref: ProcessGroupRef | None = None
+
+    @property
+    def process_group(self) -> ProcessGroup | None:
+        """The group to synchronize over; ``None`` is the default (world) group."""
+        ref = self._process_group_ref
+        return None if ref is None else ref.group
+
+    @process_group.setter
+    def process_group(self, group: ProcessGroup | None) -> None:
+        self._process_group_ref = None if group is None else ProcessGroupRef(group)
+
+    def _sync_active(self) -> bool:
+        """Whether this forward reduces its statistics over the group (more than one process)."""
+        if not (self.sync and self.training and dist.is_available() and dist.is_initialized()):
+            return False
+        return dist.get_world_size(self.process_group) > 1
+
+    def _sync_repr(self) -> str:
+        if not self.sync:
+            return ""
+        return ", sync=True" + ("" if self.process_group is None else ", process_group=<custom>")
 
 
 class NormBase(nn.Module):
@@ -129,16 +198,36 @@ class NormBase(nn.Module):
         )
 
 
-class BatchNormBase(NormBase):
-    """Training bookkeeping and input checks shared by every normzoo BatchNorm-family layer.
+class BatchNormBase(SyncMixin, NormBase):
+    """Training bookkeeping, input checks and synchronization shared by every normzoo BatchNorm-family layer.
 
     Subclasses implement :meth:`_normalize` (the family) and set :attr:`_input_dims` (the dimension).
+    The keyword-only ``sync`` and ``process_group`` arguments (see :class:`SyncMixin`) make the layer
+    reduce its batch statistics over a process group in data-parallel training; giving a
+    ``process_group`` implies ``sync=True``.
     """
 
     #: Accepted ``input.dim()`` values, e.g. ``(2, 3)`` for 1d layers.
     _input_dims: ClassVar[tuple[int, ...]] = ()
     #: Human-readable expected shapes for error messages, e.g. ``"(N, C) or (N, C, L)"``.
     _input_shapes: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        sync: bool = False,
+        process_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.sync = bool(sync) or process_group is not None
+        self.process_group = process_group
 
     def _check_input(self, input: Tensor) -> None:
         name = type(self).__name__
@@ -156,7 +245,12 @@ class BatchNormBase(NormBase):
             )
         if not input.is_floating_point():
             raise TypeError(f"{name} expected a floating-point input, got dtype {input.dtype}")
-        if self._uses_batch_stats() and input.numel() // max(input.shape[1], 1) == 1:
+        # One value per channel is fine when the statistics are reduced over several processes (torch's rule).
+        if (
+            self._uses_batch_stats()
+            and input.numel() // max(input.shape[1], 1) == 1
+            and not self._sync_active()
+        ):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()} "
                 f"in {name}({self.num_features})"

@@ -14,6 +14,17 @@ class _BatchNorm(BatchNormBase):
     def _normalize(self, input: Tensor) -> Tensor:
         momentum = self._average_factor()
         running_mean, running_var = self._running_stats_to_update()
+        if self._sync_active():
+            return NF.sync_batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                momentum,
+                self.eps,
+                self.process_group,
+            )
         return NF.batch_norm(
             input,
             running_mean,
@@ -24,6 +35,9 @@ class _BatchNorm(BatchNormBase):
             momentum,
             self.eps,
         )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._sync_repr()
 
 
 class BatchNorm1d(Input1d, _BatchNorm):

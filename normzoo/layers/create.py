@@ -87,7 +87,7 @@ def create_norm_layer(norm: NormSpec, num_features: int, ndim: int = 2, **kwargs
 
     Example:
         >>> create_norm_layer("noisy", 16, ndim=1)
-        NoisyBatchNorm1d(16, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, mean_range=1.0, std_range=(0.5, 1.5))
+        NoisyBatchNorm1d(16, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, mean_range=0.5, std_range=(0.1, 0.5))
     """
     return get_norm_layer(norm, ndim)(num_features, **kwargs)
 

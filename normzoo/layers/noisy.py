@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from .. import functional as NF
 from ._base import BatchNormBase, Input1d, Input2d, Input3d
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 __all__ = ["NoisyBatchNorm1d", "NoisyBatchNorm2d", "NoisyBatchNorm3d"]
 
 #: Default half-width of the uniform distribution of the per-step noise mean.
-DEFAULT_MEAN_RANGE = 1.0
+DEFAULT_MEAN_RANGE = 0.5
 #: Default bounds of the uniform distribution of the per-step noise standard deviation.
-DEFAULT_STD_RANGE = (0.5, 1.5)
+DEFAULT_STD_RANGE = (0.1, 0.5)
 
 
 class _NoisyBatchNorm(BatchNormBase):
@@ -27,9 +32,13 @@ class _NoisyBatchNorm(BatchNormBase):
     BatchNorm, which is the paper's evidence that reducing covariate shift is not why BatchNorm works.
     Eval is exactly BatchNorm's.
 
-    The defaults (``mean_range=1``, ``std_range=(0.5, 1.5)``) put the noise on the scale of the normalized
-    activations it perturbs: a channel's mean moves by up to one of its standard deviations per step and its
-    variance becomes ``1 + s_c²``, between 1.25 and 3.25. The paper's exact constants are not reproduced.
+    The defaults (``mean_range=0.5``, ``std_range=(0.1, 0.5)``) move each channel's mean by up to half of
+    its standard deviation at every step and make its variance ``1 + s_c²`` (1.01 to 1.25): a distribution
+    that visibly jumps from step to step, while the per-value noise stays small enough not to drown the
+    signal. Measured on the bundled digits (8 epochs, SGD, seed 0): the default CNN reached 0.965 test
+    accuracy with these defaults vs 0.960 with BatchNorm, but 0.285 with ``mean_range=1,
+    std_range=(0.5, 1.5)``, whose per-value noise as large as the signal compounds over six layers. The
+    paper's exact constants are not reproduced.
 
     Args:
         num_features: number of channels ``C``.
@@ -42,6 +51,10 @@ class _NoisyBatchNorm(BatchNormBase):
         generator: the random generator for the noise (on the layer's device); ``None`` for torch's global one.
         device: where to create parameters and buffers.
         dtype: dtype of parameters and buffers.
+        sync: reduce the batch statistics over ``process_group`` in data-parallel training, each process
+            drawing its own noise (see
+            ``docs/distributed.md``); unsynchronized when false or with a single process.
+        process_group: the group to synchronize over, ``None`` for the default group; implies ``sync``.
     """
 
     def __init__(
@@ -56,8 +69,21 @@ class _NoisyBatchNorm(BatchNormBase):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        sync: bool = False,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            sync=sync,
+            process_group=process_group,
+        )
         low, high = std_range
         if mean_range < 0 or not 0 <= low <= high:
             raise ValueError(
@@ -87,7 +113,10 @@ class _NoisyBatchNorm(BatchNormBase):
                 f"{type(self).__name__} has its generator on {self.generator.device} but got input on "
                 f"{input.device}; give it a generator on the input's device"
             )
-        dtype = self.bias.dtype if self.bias is not None else torch.promote_types(input.dtype, torch.float32)
+        # The noise mean becomes the kernel's bias: it must share the dtype of the layer's other per-channel
+        # tensors (float32 for mixed precision), or of the input when the layer has none.
+        reference = next((t for t in (self.bias, self.running_mean) if t is not None), input)
+        dtype = reference.dtype
         noise_mean, noise_std = NF.sample_noise_moments(
             self.num_features, self.mean_range, self.std_range,
             generator=self.generator, device=input.device, dtype=dtype,
@@ -95,10 +124,14 @@ class _NoisyBatchNorm(BatchNormBase):
         return NF.noisy_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
             noise_mean, noise_std, self.generator,
+            sync=self._sync_active(), process_group=self.process_group,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mean_range={self.mean_range}, std_range={self.std_range}"
+        return (
+            f"{super().extra_repr()}, mean_range={self.mean_range}, std_range={self.std_range}"
+            f"{self._sync_repr()}"
+        )
 
 
 class NoisyBatchNorm1d(Input1d, _NoisyBatchNorm):
@@ -108,7 +141,8 @@ class NoisyBatchNorm1d(Input1d, _NoisyBatchNorm):
         >>> import torch
         >>> layer = NoisyBatchNorm1d(3, generator=torch.Generator().manual_seed(0))
         >>> x = torch.randn(256, 3)
-        >>> bool(layer(x).var(0).min() > 1.1)  # training: noisier than BatchNorm
+        >>> y = layer(x)  # training: each channel shifted by its drawn noise mean
+        >>> bool((y.mean(0) - torch.nn.functional.batch_norm(x, None, None, training=True).mean(0)).abs().max() > 0.01)
         True
         >>> torch.equal(layer.eval()(x), torch.nn.functional.batch_norm(
         ...     x, layer.running_mean, layer.running_var, layer.weight, layer.bias))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .. import functional as NF
 from ._base import BatchNormBase, Input1d, Input2d, Input3d
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -37,6 +41,9 @@ class _BatchRenorm(BatchNormBase):
             ``step -> (r_max, d_max)`` receiving ``num_batches_tracked`` before this step (a 0-dim tensor).
         device: where to create parameters and buffers.
         dtype: dtype of parameters and buffers.
+        sync: reduce the batch statistics over ``process_group`` in data-parallel training (see
+            ``docs/distributed.md``); unsynchronized when false or with a single process.
+        process_group: the group to synchronize over, ``None`` for the default group; implies ``sync``.
     """
 
     def __init__(
@@ -50,8 +57,13 @@ class _BatchRenorm(BatchNormBase):
         schedule: str | RenormSchedule | None = "paper",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        sync: bool = False,
+        process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, True, device, dtype, sync=sync, process_group=process_group
+        )
         if r_max < 1.0 or d_max < 0.0:
             raise ValueError(
                 f"{type(self).__name__}: expected r_max >= 1 and d_max >= 0, got {r_max}, {d_max}"
@@ -71,7 +83,12 @@ class _BatchRenorm(BatchNormBase):
             return self.r_max, self.d_max
         assert self.num_batches_tracked is not None
         if self.schedule == "paper":
-            return NF.paper_renorm_schedule(self.num_batches_tracked, self.r_max, self.d_max)
+            step = self.num_batches_tracked
+            if step.device.type == "cpu" and not torch.compiler.is_compiling():
+                # Reading a CPU step costs nothing; float bounds let the warm-up take BatchNorm's own kernel.
+                return NF.paper_renorm_schedule(int(step), self.r_max, self.d_max)
+            # Elsewhere bounds stay on the device: no host synchronization, no graph break.
+            return NF.paper_renorm_schedule(step, self.r_max, self.d_max)
         assert callable(self.schedule)
         return self.schedule(self.num_batches_tracked)
 
@@ -89,13 +106,15 @@ class _BatchRenorm(BatchNormBase):
             self.eps,
             r_max,
             d_max,
+            sync=self._sync_active(),
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
         schedule = self.schedule if self.schedule is None or isinstance(self.schedule, str) else "custom"
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"r_max={self.r_max}, d_max={self.d_max}, schedule={schedule!r}"
+            f"r_max={self.r_max}, d_max={self.d_max}, schedule={schedule!r}{self._sync_repr()}"
         )
 
 
@@ -107,8 +126,8 @@ class BatchRenorm1d(Input1d, _BatchRenorm):
         >>> layer = BatchRenorm1d(3)
         >>> layer(torch.randn(16, 3)).shape
         torch.Size([16, 3])
-        >>> layer.clip_bounds()  # still in the paper's 5k-step warm-up
-        (tensor(1.), tensor(0.))
+        >>> layer.clip_bounds()  # still in the paper's 5k-step warm-up (floats: the step lives on the CPU)
+        (1.0, 0.0)
     """
 
 
