@@ -23,6 +23,7 @@ from .layers import (
     get_norm_layer,
     is_batch_norm,
 )
+from .surgery import convert_sync, fuse_bn, insert_bn, recompute_bn_stats, remove_bn, replace_bn, revert_sync
 
 __all__ = [
     "BatchNorm1d",
@@ -35,8 +36,15 @@ __all__ = [
     "NoisyBatchNorm2d",
     "NoisyBatchNorm3d",
     "__version__",
+    "convert_sync",
     "create_norm_layer",
     "functional",
+    "fuse_bn",
     "get_norm_layer",
+    "insert_bn",
     "is_batch_norm",
+    "recompute_bn_stats",
+    "remove_bn",
+    "replace_bn",
+    "revert_sync",
 ]
