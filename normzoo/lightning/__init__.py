@@ -20,11 +20,13 @@ from .data import (  # noqa: E402
     get_datamodule,
 )
 from .module import ClassificationModule  # noqa: E402
+from .sync import NormSync  # noqa: E402
 
 __all__ = [
     "ClassificationDataModule",
     "ClassificationModule",
     "DigitsDataModule",
+    "NormSync",
     "TorchvisionDataModule",
     "get_datamodule",
 ]
