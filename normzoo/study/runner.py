@@ -1,0 +1,696 @@
+"""Run the study: one Lightning training per :class:`~normzoo.study.grid.RunSpec`, cached in the output folder.
+
+Each finished run is written to ``OUT/runs/<key>.json``, where ``key`` is a stable hash of everything that
+determines its result (:func:`run_key`): a rerun loads those files instead of training again, and a study
+that was interrupted resumes with the runs that have no file yet. A run file is written atomically (a
+temporary file renamed into place), so an interruption never leaves a half-written result behind.
+
+The training is the seed's recipe through :class:`normzoo.lightning.ClassificationModule` (SGD + Nesterov,
+reduce-on-plateau halving) and Lightning's ``EarlyStopping`` on the validation loss. After training the
+weights of the epoch with the best validation accuracy are restored and evaluated on the test set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .grid import PRESETS, RunSpec, StudyConfig, build_plan
+
+__all__ = [
+    "RUN_SCHEMA",
+    "StudyResult",
+    "load_run",
+    "run_key",
+    "run_one",
+    "run_study",
+]
+
+#: Version of the run-file format; part of every run key, so a change of format invalidates the cache.
+RUN_SCHEMA = 1
+
+_log = logging.getLogger("normzoo.study")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# keys and files
+
+
+def run_identity(spec: RunSpec, config: StudyConfig) -> dict[str, Any]:
+    """Everything that determines the result of ``spec``: the data of its cache key."""
+    preset = config.preset_obj
+    return {
+        "schema": RUN_SCHEMA,
+        "dataset": config.dataset,
+        "model": spec.model,
+        "model_kwargs": _jsonable(dict(preset.model_kwargs.get(spec.model, {}))),
+        "variant": spec.variant,
+        "seed": spec.seed,
+        "recipe": spec.recipe.as_dict(),
+        "max_epochs": config.effective_max_epochs,
+        "max_steps": config.effective_max_steps,
+        "limit_train_batches": config.effective_limit_train_batches,
+        "accelerator": _accelerator_name(config.accelerator),
+        "diagnostics": spec.diagnostics,
+    }
+
+
+def run_key(spec: RunSpec, config: StudyConfig) -> str:
+    """A stable 16-hex-digit hash of :func:`run_identity` (canonical JSON, SHA-256).
+
+    Example:
+        >>> from normzoo.study.grid import build_plan
+        >>> cfg = StudyConfig(preset="tiny")
+        >>> a, b = build_plan(cfg)[:2]
+        >>> run_key(a, cfg) == run_key(a, cfg), run_key(a, cfg) == run_key(b, cfg), len(run_key(a, cfg))
+        (True, False, 16)
+    """
+    text = json.dumps(run_identity(spec, config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return _jsonable(value.item())
+    return str(value)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_run(path: Path) -> dict[str, Any] | None:
+    """The record in a run file, or ``None`` when it is unreadable or of another schema."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("schema") != RUN_SCHEMA:
+        return None
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Lightning side
+
+
+def _accelerator_name(accelerator: str) -> str:
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if accelerator == "cuda" else accelerator
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer banners and the warnings that are expected for tiny datasets."""
+    loggers = [
+        logging.getLogger(n)
+        for n in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        for pattern in (
+            ".*does not have many workers.*",
+            ".*number of training batches.*",
+            ".*is smaller than the logging interval.*",
+            ".*LeafSpec.*",
+            ".*GPU available but not used.*",
+            ".*tensorboardX.*",
+            ".*`isinstance\\(treespec, LeafSpec\\)`.*",
+        ):
+            warnings.filterwarnings("ignore", message=pattern)
+        warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def _metric(metrics: Mapping[str, Any], *names: str) -> float | None:
+    for name in names:
+        if name in metrics:
+            value = metrics[name]
+            return float(value.item() if isinstance(value, torch.Tensor) else value)
+    return None
+
+
+def _make_history_callback() -> Any:
+    """A callback that records per-epoch losses, validation accuracy, training wall time and the best state."""
+    import lightning as L
+
+    class _History(L.Callback):
+        def __init__(self) -> None:
+            self.history: list[dict[str, Any]] = []
+            self.best_val_acc = -1.0
+            self.best_epoch = -1
+            self.best_state: dict[str, torch.Tensor] | None = None
+            self._t0: float | None = None
+            self._c0: float | None = None
+            self._train_s: float | None = None
+            self._train_cpu_s: float | None = None
+            self._step0 = 0
+            self._validated = False
+
+        def _sync(self, trainer: L.Trainer) -> None:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize(trainer.strategy.root_device)
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self._sync(trainer)
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
+            self._train_s = self._train_cpu_s = None
+            self._step0 = int(trainer.global_step)
+            self._validated = False
+
+        def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.sanity_checking or self._t0 is None or self._train_s is not None:
+                return
+            self._sync(trainer)
+            self._stop()
+
+        def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if not trainer.sanity_checking:
+                self._validated = True
+
+        def _stop(self) -> None:
+            if self._t0 is None or self._c0 is None:  # pragma: no cover - epochs always start first
+                return
+            self._train_s = time.perf_counter() - self._t0
+            self._train_cpu_s = time.process_time() - self._c0
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if self._t0 is None:
+                return
+            if not self._validated:
+                # an epoch cut short by max_steps, without a validation: its metrics would be the last
+                # epoch's, so it gets no entry (its steps still count in the run's "steps")
+                return
+            if self._train_s is None:  # pragma: no cover - validation stops the clock first
+                self._sync(trainer)
+                self._stop()
+            m = trainer.callback_metrics
+            val_acc = _metric(m, "val/acc", "val/acc_epoch")
+            entry = {
+                "epoch": int(trainer.current_epoch) + 1,
+                "train_loss": _metric(m, "train/loss_epoch", "train/loss"),
+                "val_loss": _metric(m, "val/loss", "val/loss_epoch"),
+                "val_acc": val_acc,
+                "train_acc": _metric(m, "train/acc_epoch", "train/acc"),
+                "lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None,
+                "time_s": self._train_s,
+                "cpu_s": self._train_cpu_s,
+                "steps": int(trainer.global_step) - self._step0,
+            }
+            self.history.append({k: _jsonable(v) for k, v in entry.items()})
+            if val_acc is not None and val_acc > self.best_val_acc:
+                self.best_val_acc = val_acc
+                self.best_epoch = int(trainer.current_epoch) + 1
+                self.best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    return _History()
+
+
+class _Data:
+    """The study's data module, loaded once; its batch size is set for each run."""
+
+    def __init__(self, config: StudyConfig) -> None:
+        self.config = config
+        self._dm: Any = None
+
+    def get(self, batch_size: int) -> Any:
+        if self._dm is None:
+            from normzoo.lightning.data import get_datamodule
+
+            kwargs: dict[str, Any] = {"batch_size": batch_size, "eval_batch_size": 512}
+            if self.config.dataset != "digits":
+                kwargs["root"] = self.config.data_root or "data"
+                kwargs["download"] = self.config.download
+            if _accelerator_name(self.config.accelerator) != "cpu":
+                kwargs["pin_memory"] = True
+            self._dm = get_datamodule(self.config.dataset, **kwargs)
+            self._dm.prepare_data()
+            self._dm.setup("fit")
+        dm = self._dm
+        dm.batch_size = batch_size
+        # A last training batch of one sample would make BatchNorm raise: drop it only in that case.
+        dm.drop_last = len(dm.train_set) % batch_size == 1
+        return dm
+
+
+def _build_model(spec: RunSpec, config: StudyConfig, dm: Any) -> nn.Module:
+    from normzoo.models import build_cnn, build_mlp
+
+    from .grid import VARIANTS
+
+    r = spec.recipe
+    common: dict[str, Any] = {
+        "norm": VARIANTS[spec.variant],
+        "activation": r.activation,
+        "init": r.init,
+        "init_std": r.init_std,
+        "dropout": r.dropout,
+    }
+    extra: dict[str, Any] = dict(config.preset_obj.model_kwargs.get(spec.model, {}))
+    if spec.model == "mlp":
+        return build_mlp(int(dm.num_features), int(dm.num_classes), **extra, **common)
+    shape = tuple(dm.input_shape)
+    return build_cnn(int(dm.in_channels), int(dm.num_classes), ndim=len(shape) - 1, **extra, **common)
+
+
+def _diagnostic_callbacks(steps_per_epoch: int) -> list[Any]:
+    """Gradient-flow and weight-norm monitors sampling about four times per epoch, figures off (the report
+    draws them from the recorded histories)."""
+    from normzoo.lightning.callbacks import GradientFlowMonitor, WeightNormMonitor
+
+    every = max(1, steps_per_epoch // 4)
+    return [
+        GradientFlowMonitor(every_n_steps=every, save_figures=False, warn=False),
+        WeightNormMonitor(every_n_steps=every, save_figures=False),
+    ]
+
+
+def _epoch_timer() -> Any:
+    try:
+        from normzoo.lightning.callbacks import EpochTimer
+    except ImportError:  # pragma: no cover - fall back to the history callback's own timing
+        return None
+    return EpochTimer(save_figures=False)
+
+
+def _diagnostics_summary(callbacks: Sequence[Any]) -> dict[str, Any]:
+    """The monitors' in-memory histories as plain JSON data (see :mod:`normzoo.study.report`)."""
+    out: dict[str, Any] = {}
+    for cb in callbacks:
+        name = type(cb).__name__
+        history = getattr(cb, "history", None)
+        if history is None:
+            continue
+        key = "gradient_flow" if "Gradient" in name else "weight_norm" if "WeightNorm" in name else name
+        out[key] = _jsonable(_to_plain(history))
+    return out
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if hasattr(value, "_asdict"):
+        return _to_plain(value._asdict())
+    if hasattr(value, "__dataclass_fields__"):
+        import dataclasses
+
+        return _to_plain(dataclasses.asdict(value))
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> dict[str, Any]:
+    """Train one run of the plan and return its record (see ``docs/study.md`` for the fields)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from normzoo import __version__
+    from normzoo.lightning import ClassificationModule
+    from normzoo.models import count_parameters
+
+    data = data or _Data(config)
+    dm = data.get(spec.recipe.batch_size)
+    r = spec.recipe
+    L.seed_everything(spec.seed, workers=True, verbose=False)
+    model = _build_model(spec, config, dm)
+    module = ClassificationModule(
+        model,
+        int(dm.num_classes),
+        optimizer=r.optimizer,
+        lr=r.lr,
+        momentum=r.momentum,
+        nesterov=r.nesterov,
+        weight_decay=r.weight_decay,
+        scheduler="plateau",
+        plateau_factor=r.plateau_factor,
+        plateau_patience=r.plateau_patience,
+    )
+    history = _make_history_callback()
+    timer = _epoch_timer()
+    limit = config.effective_limit_train_batches
+    steps_per_epoch = math.ceil(len(dm.train_set) / r.batch_size)
+    if limit is not None:
+        steps_per_epoch = min(steps_per_epoch, limit)
+    diagnostics = _diagnostic_callbacks(steps_per_epoch) if spec.diagnostics else []
+    early = EarlyStopping(monitor="val/loss", mode="min", patience=r.early_stop_patience, check_finite=True)
+    accelerator = _accelerator_name(config.accelerator)
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=config.devices,
+            max_epochs=config.effective_max_epochs,
+            max_steps=config.effective_max_steps if config.effective_max_steps is not None else -1,
+            callbacks=[history, early, *([timer] if timer is not None else []), *diagnostics],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_train_batches=limit if limit is not None else 1.0,
+            log_every_n_steps=1_000_000,
+        )
+        t_start = time.perf_counter()
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            trainer.fit(module, datamodule=dm)
+        except SystemExit as exc:
+            # Lightning turns Ctrl-C into a "graceful shutdown" that ends in sys.exit(1): give the caller the
+            # KeyboardInterrupt back, so that the study can say how to resume.
+            if trainer.interrupted:
+                raise KeyboardInterrupt from exc
+            raise
+        finally:
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread / no Python handler
+                signal.signal(signal.SIGINT, sigint)
+        wall_fit = time.perf_counter() - t_start
+        final_val_acc = history.history[-1]["val_acc"] if history.history else None
+        if history.best_state is not None:
+            module.load_state_dict(history.best_state)
+        tested = trainer.test(module, datamodule=dm, verbose=False)
+    test_acc = _metric(tested[0], "test/acc", "test/acc_epoch") if tested else None
+
+    if timer is not None:  # the library's EpochTimer: training time of each epoch, validation excluded
+        timed = {int(rec["epoch"]) + 1: rec.get("train_s") for rec in timer.history}
+        for h in history.history:
+            if timed.get(h["epoch"]) is not None:
+                h["time_s"] = float(timed[h["epoch"]])
+    epochs = len(history.history)
+
+    full = max((h["steps"] for h in history.history), default=0)
+
+    def steady_mean(key: str) -> float | None:
+        # The first epoch carries one-off costs (allocator warm-up, lazy init): the mean leaves it out when
+        # there are at least three epochs; an epoch cut short by max_steps is left out too.
+        values = [h[key] for h in history.history if h.get(key) is not None and h["steps"] == full]
+        values = values[1:] if len(values) >= 3 else values
+        return sum(values) / len(values) if values else None
+
+    diverged = any(h["val_loss"] is None or h["train_loss"] is None for h in history.history)
+    steps_done = int(trainer.global_step)
+    stopped_early = bool(early.stopped_epoch > 0)
+    if diverged:
+        stop_reason = "diverged"
+    elif stopped_early:
+        stop_reason = "early_stopping"
+    elif config.effective_max_steps is not None and steps_done >= config.effective_max_steps:
+        stop_reason = "max_steps"
+    else:
+        stop_reason = "max_epochs"
+    record: dict[str, Any] = {
+        "schema": RUN_SCHEMA,
+        "key": run_key(spec, config),
+        "experiment": spec.experiment,
+        "level": spec.level.label,
+        "variant": spec.variant,
+        "model": spec.model,
+        "dataset": config.dataset,
+        "params": _jsonable(dict(spec.level.params)),
+        "seed": spec.seed,
+        "best_val_acc": history.best_val_acc if history.best_epoch > 0 else None,
+        "best_epoch": history.best_epoch if history.best_epoch > 0 else None,
+        "final_val_acc": final_val_acc,
+        "test_acc": test_acc,
+        "epochs": epochs,
+        "max_epochs": config.effective_max_epochs,
+        "stopped_early": stopped_early,
+        "stop_reason": stop_reason,
+        "max_steps": config.effective_max_steps,
+        "steps": steps_done,
+        "diverged": diverged,
+        "epoch_time_s": steady_mean("time_s"),
+        "epoch_cpu_time_s": steady_mean("cpu_s"),
+        "fit_time_s": wall_fit,
+        "num_params": count_parameters(model),
+        "num_classes": int(dm.num_classes),
+        "recipe": r.as_dict(),
+        "model_kwargs": _jsonable(dict(config.preset_obj.model_kwargs.get(spec.model, {}))),
+        "limit_train_batches": limit,
+        "accelerator": accelerator,
+        "device": _device_name(accelerator),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {
+            "normzoo": __version__,
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "python": platform.python_version(),
+        },
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "history": [
+            {
+                k: h[k]
+                for k in (
+                    "epoch",
+                    "train_loss",
+                    "val_loss",
+                    "val_acc",
+                    "time_s",
+                    "cpu_s",
+                    "steps",
+                    "lr",
+                    "train_acc",
+                )
+            }
+            for h in history.history
+        ],
+        "diagnostics": _diagnostics_summary(diagnostics) if diagnostics else None,
+    }
+    return record
+
+
+def _device_name(accelerator: str) -> str:
+    if accelerator == "gpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the study loop
+
+
+def _run_weight(spec: RunSpec, config: StudyConfig, n_train: int) -> float:
+    """A rough relative cost of a run for the time-left estimate: epochs x (steps per epoch + a per-epoch
+    cost of about 13 steps), the epochs limited by the step cap, a CNN step costing about 3.3 MLP steps
+    (fitted on the quick preset's runs on a CPU)."""
+    steps = math.ceil(n_train / spec.recipe.batch_size)
+    limit = config.effective_limit_train_batches
+    if limit is not None:
+        steps = min(steps, limit)
+    epochs = float(config.effective_max_epochs)
+    if config.effective_max_steps is not None:
+        epochs = min(epochs, math.ceil(config.effective_max_steps / steps))
+    return epochs * (steps * (3.3 if spec.model == "cnn" else 1.0) + 13)
+
+
+@dataclass
+class StudyResult:
+    """What :func:`run_study` did: the records in plan order and how many runs were trained or loaded."""
+
+    out: Path
+    records: list[dict[str, Any]]
+    trained: int = 0
+    cached: int = 0
+    wall_time_s: float = 0.0
+    trained_keys: list[str] = field(default_factory=list)
+    #: runs that raised: ``{"key", "experiment", "level", "model", "variant", "seed", "error", "log"}``
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    minutes, s = divmod(seconds, 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
+
+
+def run_study(config: StudyConfig, *, plan: Sequence[RunSpec] | None = None) -> StudyResult:
+    """Run (or load from the cache) every run of the study and write ``results.json``.
+
+    Runs whose file exists in ``OUT/runs/`` are loaded, not trained (unless ``config.force``). The progress
+    bar (tqdm, on stderr) shows runs done and an estimate of the time left. A run that raises is listed in
+    :attr:`StudyResult.failed` (its traceback in ``OUT/runs/<key>.error.txt``) and the study goes on; a
+    rerun retries it. ``KeyboardInterrupt`` stops the study (the finished runs stay cached).
+    """
+    plan = list(plan) if plan is not None else build_plan(config)
+    if not plan:
+        raise ValueError(
+            "the selection leaves no run to do: the factors/models/variants chosen do not meet in preset "
+            f"{config.preset!r}; --preset full starts from the whole grid"
+        )
+    out = Path(config.out)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for stale in runs_dir.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    # leave the caller's process as it was: thread count and the variables that seed_everything sets
+    threads_before = torch.get_num_threads()
+    env_before = {name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run_plan(config, plan, out, runs_dir)
+    finally:
+        torch.set_num_threads(threads_before)
+        for name, value in env_before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Path) -> StudyResult:
+
+    keys = [run_key(spec, config) for spec in plan]
+    records: list[dict[str, Any] | None] = [None] * len(plan)
+    todo: list[int] = []
+    for i, key in enumerate(keys):
+        record = None if config.force else load_run(runs_dir / f"{key}.json")
+        if record is None:
+            todo.append(i)
+        else:
+            records[i] = record
+    result = StudyResult(out=out, records=[], cached=len(plan) - len(todo))
+
+    data = _Data(config)
+    t0 = time.perf_counter()
+    if todo:
+        n_train = len(data.get(plan[todo[0]].recipe.batch_size).train_set)
+        weights = {i: _run_weight(plan[i], config, n_train) for i in todo}
+        total_weight = sum(weights.values())
+        done_weight = 0.0
+        bar = _progress_bar(len(plan), result.cached, config.progress)
+        try:
+            for i in todo:
+                spec = plan[i]
+                bar.set_description(
+                    f"{spec.model} {spec.experiment}:{spec.level.label} {spec.variant} s{spec.seed}"
+                )
+                error_log = runs_dir / f"{keys[i]}.error.txt"
+                try:
+                    record = run_one(spec, config, data)
+                except Exception as error:  # one broken run must not cost the others: record it, go on
+                    error_log.write_text(traceback.format_exc(), encoding="utf-8")
+                    result.failed.append(
+                        {
+                            "key": keys[i],
+                            "experiment": spec.experiment,
+                            "level": spec.level.label,
+                            "model": spec.model,
+                            "variant": spec.variant,
+                            "seed": spec.seed,
+                            "error": f"{type(error).__name__}: {error}",
+                            "log": str(error_log),
+                        }
+                    )
+                    _log.error("run %s failed: %s (traceback in %s)", keys[i], error, error_log)
+                else:
+                    _write_json_atomic(runs_dir / f"{keys[i]}.json", record)
+                    with contextlib.suppress(OSError):
+                        error_log.unlink()
+                    records[i] = record
+                    result.trained += 1
+                    result.trained_keys.append(keys[i])
+                done_weight += weights[i]
+                elapsed = time.perf_counter() - t0
+                left = elapsed / done_weight * (total_weight - done_weight) if done_weight else 0.0
+                bar.set_postfix_str(f"~{_format_seconds(left)} left", refresh=False)
+                bar.update(1)
+        finally:
+            bar.close()
+    result.wall_time_s = time.perf_counter() - t0
+
+    for i, record in enumerate(records):
+        if record is None:  # a failed run
+            continue
+        spec = plan[i]
+        # a cached run may have been trained under other labels (same settings): label it as this plan does
+        record.update(
+            experiment=spec.experiment, level=spec.level.label, params=_jsonable(dict(spec.level.params))
+        )
+    result.records = [r for r in records if r is not None]
+    write_results(config, result)
+    return result
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="run",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs [{elapsed}{postfix}]",
+        postfix="estimating time left",
+    )
+
+
+def write_results(config: StudyConfig, result: StudyResult) -> Path:
+    """Write ``OUT/results.json``: the study's settings and one record per run."""
+    data = {
+        "schema": RUN_SCHEMA,
+        "study": {
+            "preset": config.preset,
+            "preset_description": PRESETS[config.preset].description,
+            "dataset": config.dataset,
+            "seeds": config.effective_seeds,
+            "max_epochs": config.effective_max_epochs,
+            "max_steps": config.effective_max_steps,
+            "early_stop_patience": config.early_stop_patience,
+            "accelerator": _accelerator_name(config.accelerator),
+            "draw_margin": config.draw_margin,
+            "factors": config.factors,
+            "models": config.models,
+            "variants": config.variants,
+            "batch_sizes": config.batch_sizes,
+            "runs": len(result.records),
+            "trained": result.trained,
+            "cached": result.cached,
+            "failed": result.failed,
+            "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "runs": result.records,
+    }
+    path = Path(config.out) / "results.json"
+    _write_json_atomic(path, data)
+    return path

@@ -1,0 +1,869 @@
+"""The numbers of the study's report, computed from the records of ``results.json`` alone.
+
+Cells, comparisons and the scoreboard
+-------------------------------------
+A *cell* is every run of one (dataset, experiment, level, model, variant): one run per seed. Its accuracy is
+the mean of the runs' ``test_acc``, its *spread* the sample standard deviation over seeds (0 with one seed).
+
+A *comparison* sets a normalization variant against vanilla in the same (dataset, experiment, level, model)::
+
+    delta     = mean(variant) - mean(vanilla)
+    spread    = sqrt((sd(variant)**2 + sd(vanilla)**2) / 2)   # pooled over seeds; 0 with one seed
+    threshold = max(draw_margin, spread)
+    outcome   = "win" if delta > threshold, "loss" if delta < -threshold, else "draw"
+
+so a difference inside the seeds' spread is a draw, and ``draw_margin`` (default 0.01: one accuracy point) is a
+floor that keeps a difference of a test image or two from counting as a win when the seeds happen to agree
+closely, or when there is a single seed (then the threshold *is* the margin). The *scoreboard* counts the
+outcomes of a variant over every comparison of the study: ``batchnorm W - vanilla L (D draws)``, the seed
+study's style.
+
+Findings
+--------
+:func:`findings` checks each published claim of the seed studies against the comparisons and gives a verdict
+(``reproduced``, ``partly reproduced``, ``not reproduced``, ``not shown``, ``not run``) with the numbers
+behind it and the caveats that limit it (runs capped by ``max_epochs``, a single seed, data too easy).
+
+Example:
+    >>> runs = [
+    ...     {"dataset": "d", "experiment": "baseline", "level": "baseline", "model": "mlp", "variant": v,
+    ...      "seed": s, "test_acc": acc, "num_classes": 10}
+    ...     for v, accs in {"vanilla": (0.90, 0.92), "batchnorm": (0.95, 0.96)}.items()
+    ...     for s, acc in enumerate(accs)]
+    >>> board = scoreboard(runs)
+    >>> board["batchnorm"].text
+    'batchnorm 1 - vanilla 0 (0 draws)'
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CEILING",
+    "VERDICTS",
+    "Cell",
+    "Comparison",
+    "Finding",
+    "Score",
+    "cells",
+    "compare",
+    "comparisons",
+    "epochs_to_target",
+    "findings",
+    "overhead_table",
+    "scoreboard",
+]
+
+#: Accuracy above which both vanilla and a normalized net are said to sit at the data's ceiling.
+CEILING = 0.95
+#: The verdicts of :func:`findings`, from best to worst support.
+VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "not shown", "not run")
+
+Record = Mapping[str, Any]
+# accuracies are ratios of counts: a difference equal to the threshold up to rounding is "not more than" it
+_EPS = 1e-9
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _sd(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) >= 2 else 0.0
+
+
+def _capped(record: Record) -> bool:
+    """Whether the run ended at the epoch or step cap while still improving: early stopping did not end it
+    and its best validation accuracy came in the last quarter of its epochs."""
+    reason = record.get("stop_reason")
+    capped = (
+        reason in ("max_epochs", "max_steps") if reason is not None else record.get("stopped_early") is False
+    )
+    if not capped:
+        return False
+    epochs, best = record.get("epochs"), record.get("best_epoch")
+    if not epochs or not best:
+        return True
+    return int(best) > 0.75 * int(epochs)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Every run (one per seed) of one dataset, experiment, level, model and variant."""
+
+    dataset: str
+    experiment: str
+    level: str
+    model: str
+    variant: str
+    runs: tuple[Record, ...]
+
+    def values(self, name: str) -> list[float]:
+        return [float(r[name]) for r in self.runs if r.get(name) is not None]
+
+    def mean(self, name: str = "test_acc") -> float:
+        return _mean(self.values(name))
+
+    def sd(self, name: str = "test_acc") -> float:
+        return _sd(self.values(name))
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def chance(self) -> float:
+        classes = [int(r["num_classes"]) for r in self.runs if r.get("num_classes")]
+        return 1.0 / classes[0] if classes else 0.1
+
+    @property
+    def capped(self) -> bool:
+        """Whether a run ended at the epoch or step cap while still improving (see :func:`_capped`)."""
+        return any(_capped(r) for r in self.runs)
+
+    @property
+    def stuck(self) -> bool:
+        """Whether the mean test accuracy is within 10 points of chance (the network did not learn)."""
+        return self.mean() < self.chance + 0.10
+
+
+def cells(records: Iterable[Record]) -> dict[tuple[str, str, str, str, str], Cell]:
+    """The records grouped by (dataset, experiment, level, model, variant), runs sorted by seed."""
+    groups: dict[tuple[str, str, str, str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        key = (str(r["dataset"]), str(r["experiment"]), str(r["level"]), str(r["model"]), str(r["variant"]))
+        groups[key].append(r)
+    return {
+        key: Cell(*key, runs=tuple(sorted(runs, key=lambda r: int(r.get("seed", 0)))))
+        for key, runs in groups.items()
+    }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A variant against a reference (vanilla unless said otherwise) in one setting; see the module docs."""
+
+    variant: Cell
+    reference: Cell
+    delta: float
+    spread: float
+    threshold: float
+    outcome: str  # "win" | "loss" | "draw" (from the variant's side)
+
+    @property
+    def setting(self) -> tuple[str, str, str, str]:
+        c = self.variant
+        return (c.dataset, c.experiment, c.level, c.model)
+
+
+def compare(a: Cell, b: Cell, draw_margin: float = 0.01, metric: str = "test_acc") -> Comparison:
+    """``a`` against ``b`` on ``metric``: the delta of the means, the pooled spread, the outcome for ``a``.
+
+    Example:
+        >>> mk = lambda v, accs: Cell("d", "e", "l", "m", v, tuple({"test_acc": x, "seed": i} for i, x in enumerate(accs)))
+        >>> c = compare(mk("batchnorm", [0.95, 0.97]), mk("vanilla", [0.93, 0.99]))
+        >>> c.outcome, round(c.delta, 3), round(c.threshold, 4)
+        ('draw', 0.0, 0.0316)
+    """
+    delta = a.mean(metric) - b.mean(metric)
+    spread = math.sqrt((a.sd(metric) ** 2 + b.sd(metric) ** 2) / 2) if a.n >= 2 and b.n >= 2 else 0.0
+    threshold = max(draw_margin, spread)
+    if math.isnan(delta):
+        outcome = "draw"
+    elif delta > threshold + _EPS:
+        outcome = "win"
+    elif delta < -threshold - _EPS:
+        outcome = "loss"
+    else:
+        outcome = "draw"
+    return Comparison(a, b, delta, spread, threshold, outcome)
+
+
+def comparisons(
+    records: Iterable[Record], draw_margin: float = 0.01, reference: str = "vanilla"
+) -> list[Comparison]:
+    """Every variant against ``reference`` in every setting where both ran, in the records' order."""
+    table = cells(records)
+    out: list[Comparison] = []
+    for key, cell in table.items():
+        if cell.variant == reference:
+            continue
+        ref = table.get((*key[:4], reference))
+        if ref is not None:
+            out.append(compare(cell, ref, draw_margin))
+    return out
+
+
+@dataclass
+class Score:
+    """A variant's record against vanilla: wins, losses and draws, and the comparisons behind them."""
+
+    variant: str
+    wins: int = 0
+    losses: int = 0
+    draws: int = 0
+    comparisons: list[Comparison] = field(default_factory=list)
+    reference: str = "vanilla"
+
+    @property
+    def text(self) -> str:
+        """The seed study's style: ``"batchnorm 9 - vanilla 1 (2 draws)"``."""
+        draws = f"{self.draws} draw" + ("" if self.draws == 1 else "s")
+        return f"{self.variant} {self.wins} - {self.reference} {self.losses} ({draws})"
+
+
+def scoreboard(
+    records: Iterable[Record], draw_margin: float = 0.01, *, model: str | None = None
+) -> dict[str, Score]:
+    """Each normalization variant's wins, losses and draws against vanilla (optionally for one model)."""
+    board: dict[str, Score] = {}
+    for comp in comparisons(records, draw_margin):
+        if model is not None and comp.variant.model != model:
+            continue
+        score = board.setdefault(comp.variant.variant, Score(comp.variant.variant))
+        score.comparisons.append(comp)
+        if comp.outcome == "win":
+            score.wins += 1
+        elif comp.outcome == "loss":
+            score.losses += 1
+        else:
+            score.draws += 1
+    order = {"batchnorm": 0, "renorm": 1, "noisy": 2}
+    return dict(sorted(board.items(), key=lambda kv: (order.get(kv[0], 9), kv[0])))
+
+
+def epochs_to_target(record: Record, target: float) -> int | None:
+    """The first epoch whose validation accuracy reaches ``target`` (``None`` if none does).
+
+    Example:
+        >>> history = [{"epoch": 1, "val_acc": 0.6}, {"epoch": 2, "val_acc": 0.93}, {"epoch": 3, "val_acc": 0.97}]
+        >>> epochs_to_target({"history": history}, 0.9), epochs_to_target({"history": history}, 0.99)
+        (2, None)
+    """
+    for h in record.get("history") or ():
+        if h.get("val_acc") is not None and h["val_acc"] >= target:
+            return int(h["epoch"])
+    return None
+
+
+def _mean_epochs_to(cell: Cell, target: float) -> float | None:
+    """Mean over seeds of :func:`epochs_to_target`; a run that never reaches it counts its epochs + 1."""
+    values = []
+    for r in cell.runs:
+        e = epochs_to_target(r, target)
+        values.append(float(e) if e is not None else float(r.get("epochs") or 0) + 1)
+    return _mean(values) if values else None
+
+
+def time_measure(records: Iterable[Record]) -> str:
+    """Which epoch time the wall-time comparison uses: ``"cpu"`` (``epoch_cpu_time_s``, the process's CPU
+    time) when every run trained on the CPU and has it, else ``"wall"`` (``epoch_time_s``).
+
+    On a CPU with one thread the CPU time of an epoch is its wall time on an idle machine, and it leaves out
+    the time spent waiting while other processes hold the cores (cache contention and, on a virtual machine,
+    time the host takes away still show in it); on a GPU the host's CPU time says little and the wall time
+    (with the device synchronized) is used.
+    """
+    records = list(records)
+    if records and all(r.get("accelerator") == "cpu" and r.get("epoch_cpu_time_s") for r in records):
+        return "cpu"
+    return "wall"
+
+
+def overhead_table(records: Iterable[Record], measure: str | None = None) -> list[dict[str, Any]]:
+    """Time per training epoch by model and batch size, each variant and its overhead over vanilla.
+
+    Uses the baseline (batch 64) and the batch-size experiment; a row per (dataset, model, batch size) with
+    ``{variant: mean epoch seconds}`` and ``{variant: overhead fraction}`` (e.g. 0.17 for 17 % slower).
+    ``measure`` is ``"wall"`` or ``"cpu"`` (default: :func:`time_measure` of the records used).
+
+    Example:
+        >>> runs = [{"dataset": "digits", "experiment": "baseline", "level": "baseline", "model": "mlp",
+        ...          "variant": v, "seed": 0, "recipe": {"batch_size": 64}, "epoch_time_s": t}
+        ...         for v, t in (("vanilla", 1.0), ("batchnorm", 1.2))]
+        >>> row = overhead_table(runs)[0]
+        >>> row["batch_size"], row["measure"], round(row["overhead"]["batchnorm"], 2)
+        (64, 'wall', 0.2)
+    """
+    used = [r for r in records if r["experiment"] in ("baseline", "batch_size")]
+    measure = measure or time_measure(used)
+    field_name = "epoch_cpu_time_s" if measure == "cpu" else "epoch_time_s"
+    table = cells(used)
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for (dataset, _exp, _level, model, variant), cell in table.items():
+        sizes = {int((r.get("recipe") or {}).get("batch_size", 0)) for r in cell.runs}
+        if len(sizes) != 1:
+            continue
+        bs = sizes.pop()
+        row = rows.setdefault(
+            (dataset, model, bs),
+            {"dataset": dataset, "model": model, "batch_size": bs, "time": {}, "measure": measure},
+        )
+        t = cell.mean(field_name)
+        if not math.isnan(t):
+            row["time"][variant] = t
+    out = []
+    for key in sorted(rows):
+        row = rows[key]
+        base = row["time"].get("vanilla")
+        row["overhead"] = {v: (t / base - 1.0) for v, t in row["time"].items() if v != "vanilla" and base}
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# findings
+
+
+@dataclass
+class Finding:
+    """One published claim, this study's verdict on it, the evidence and the caveats."""
+
+    key: str
+    title: str
+    claim: str
+    verdict: str
+    evidence: list[str] = field(default_factory=list)
+    caveats: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        parts = [f"**{self.verdict.capitalize()}.**", *self.evidence]
+        if self.caveats:
+            parts.append("Caveats: " + "; ".join(self.caveats) + ".")
+        return " ".join(parts)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f} %"
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f} points"
+
+
+def _verdict(checks: Sequence[bool | None]) -> str:
+    if not checks:
+        return "not run"
+    if all(c is True for c in checks):
+        return "reproduced"
+    if any(c is True for c in checks):
+        return "partly reproduced"
+    if any(c is False for c in checks):
+        return "not reproduced"
+    return "not shown"
+
+
+def _outcome_check(outcome: str, expected: str) -> bool | None:
+    """True when the outcome is the expected one; None for an unexpected draw; False otherwise."""
+    if outcome == expected:
+        return True
+    return None if outcome == "draw" else False
+
+
+class _Ctx:
+    def __init__(self, records: Sequence[Record], draw_margin: float) -> None:
+        self.records = records
+        self.margin = draw_margin
+        self.table = cells(records)
+        self.datasets = sorted({k[0] for k in self.table})
+        self.models = [m for m in ("mlp", "cnn") if any(k[3] == m for k in self.table)] + sorted(
+            {k[3] for k in self.table} - {"mlp", "cnn"}
+        )
+
+    def cell(
+        self, experiment: str, level: str, model: str, variant: str, dataset: str | None = None
+    ) -> Cell | None:
+        for ds in [dataset] if dataset else self.datasets:
+            c = self.table.get((ds, experiment, level, model, variant))
+            if c is not None:
+                return c
+        return None
+
+    def levels(self, experiment: str, model: str) -> list[str]:
+        seen: list[str] = []
+        for k in self.table:
+            if k[1] == experiment and k[3] == model and k[2] not in seen:
+                seen.append(k[2])
+        return seen
+
+    def caveats_for(self, *cs: Cell | None, ceiling: bool = False) -> list[str]:
+        present = [c for c in cs if c is not None]
+        out = []
+        capped = [r for c in present for r in c.runs if _capped(r)]
+        if capped:
+            caps = []
+            if any(r.get("stop_reason") != "max_steps" for r in capped):
+                caps.append(f"{max(int(r.get('max_epochs') or 0) for r in capped)}-epoch")
+            if any(r.get("stop_reason") == "max_steps" for r in capped):
+                caps.append(f"{max(int(r.get('max_steps') or 0) for r in capped)}-step")
+            out.append(
+                f"{len(capped)} of these {sum(c.n for c in present)} runs were still improving when the "
+                f"{' or '.join(caps)} cap ended them (best validation accuracy in the last quarter of their "
+                "epochs), so longer training could change the numbers"
+            )
+        if present and min(c.n for c in present) < 2:
+            out.append(
+                f"one seed: no spread is known, a difference of at most {100 * self.margin:.1f} points is a draw"
+            )
+        if ceiling and present and all(c.mean() >= CEILING for c in present):
+            out.append(
+                f"all of them score at least {100 * CEILING:.0f} %: the data is too easy to separate them"
+            )
+        return out
+
+
+def _cmp_text(comp: Comparison, what: str) -> str:
+    v, r = comp.variant, comp.reference
+    sd = lambda c: f" ± {100 * c.sd():.1f}" if c.n >= 2 else ""  # noqa: E731
+    return (
+        f"{what}: {v.variant} {100 * v.mean():.1f}{sd(v)} % vs {r.variant} {100 * r.mean():.1f}{sd(r)} % "
+        f"({_pts(comp.delta)}, draw threshold {100 * comp.threshold:.1f}): {comp.outcome}."
+    )
+
+
+def _f_baseline(ctx: _Ctx) -> Finding:
+    f = Finding("accuracy", "BN gives higher accuracy and faster convergence", "", "")
+    checks: list[bool | None] = []
+    involved: list[Cell | None] = []
+    for model in ctx.models:
+        van, bn = (
+            ctx.cell("baseline", "baseline", model, "vanilla"),
+            ctx.cell("baseline", "baseline", model, "batchnorm"),
+        )
+        if van is None or bn is None:
+            continue
+        comp = compare(bn, van, ctx.margin)
+        checks.append(_outcome_check(comp.outcome, "win"))
+        f.evidence.append(_cmp_text(comp, f"{model.upper()} baseline test accuracy"))
+        target = 0.99 * min(bn.mean("best_val_acc"), van.mean("best_val_acc"))
+        e_bn, e_van = _mean_epochs_to(bn, target), _mean_epochs_to(van, target)
+        if e_bn is not None and e_van is not None:
+            faster = None if e_bn == e_van else e_bn < e_van
+            checks.append(faster)
+            f.evidence.append(
+                f"Epochs to reach {100 * target:.1f} % validation accuracy (99 % of the lower best): "
+                f"batchnorm {e_bn:.1f}, vanilla {e_van:.1f}."
+            )
+        involved += [van, bn]
+    f.verdict = _verdict(checks)
+    f.caveats = ctx.caveats_for(*involved, ceiling=True)
+    return f
+
+
+def _f_rescue(ctx: _Ctx, key: str, title: str, experiment: str, level: str, faster: bool = False) -> Finding:
+    """Claims of the form "vanilla is stuck while BN trains (better, faster)"."""
+    f = Finding(key, title, "", "")
+    checks: list[bool | None] = []
+    involved: list[Cell | None] = []
+    for model in ctx.models:
+        van, bn = (
+            ctx.cell(experiment, level, model, "vanilla"),
+            ctx.cell(experiment, level, model, "batchnorm"),
+        )
+        if van is None or bn is None:
+            continue
+        comp = compare(bn, van, ctx.margin)
+        checks.append(van.stuck)
+        checks.append(_outcome_check(comp.outcome, "win") if not bn.stuck else False)
+        f.evidence.append(
+            f"{model.upper()}: vanilla {'is stuck near chance' if van.stuck else 'trains'} "
+            f"({_pct(van.mean())}, chance {_pct(van.chance)}); batchnorm "
+            f"{'is stuck too' if bn.stuck else 'trains'} ({_pct(bn.mean())}); {comp.outcome} for batchnorm "
+            f"({_pts(comp.delta)}, threshold {100 * comp.threshold:.1f})."
+        )
+        if faster and not van.stuck and not bn.stuck:
+            target = 0.99 * min(bn.mean("best_val_acc"), van.mean("best_val_acc"))
+            e_bn, e_van = _mean_epochs_to(bn, target), _mean_epochs_to(van, target)
+            if e_bn is not None and e_van is not None:
+                checks.append(None if e_bn == e_van else e_bn < e_van)
+                f.evidence.append(
+                    f"Epochs to {100 * target:.1f} % validation accuracy: batchnorm {e_bn:.1f}, vanilla {e_van:.1f}."
+                )
+        involved += [van, bn]
+    f.verdict = _verdict(checks)
+    f.caveats = ctx.caveats_for(*involved)
+    if f.verdict not in ("reproduced", "not run") and involved and not any(c.stuck for c in involved if c):
+        f.caveats.append(
+            "the seed's networks were deeper and trained on harder data; on this data the vanilla network "
+            "does not get stuck, so the rescue cannot be shown"
+        )
+    return f
+
+
+def _f_weight_decay(ctx: _Ctx) -> Finding:
+    f = Finding("weight_decay", "Weight decay 5e-4 helps both, BN stays ahead", "", "")
+    checks: list[bool | None] = []
+    involved: list[Cell | None] = []
+    for model in ctx.models:
+        levels = ctx.levels("weight_decay", model)
+        if not levels:
+            continue
+        level = levels[0]
+        cs = {v: ctx.cell("weight_decay", level, model, v) for v in ("vanilla", "batchnorm")}
+        base = {v: ctx.cell("baseline", "baseline", model, v) for v in ("vanilla", "batchnorm")}
+        if any(c is None for c in (*cs.values(), *base.values())):
+            continue
+        for v in ("vanilla", "batchnorm"):
+            comp = compare(cs[v], base[v], ctx.margin)  # type: ignore[arg-type]
+            checks.append(_outcome_check(comp.outcome, "win"))
+            f.evidence.append(
+                f"{model.upper()} {v}: {_pct(cs[v].mean())} with weight decay vs {_pct(base[v].mean())} "  # type: ignore[union-attr]
+                f"without ({comp.outcome} for weight decay)."
+            )
+        comp = compare(cs["batchnorm"], cs["vanilla"], ctx.margin)  # type: ignore[arg-type]
+        checks.append(_outcome_check(comp.outcome, "win"))
+        f.evidence.append(_cmp_text(comp, f"{model.upper()} with weight decay"))
+        involved += [*cs.values(), *base.values()]
+    f.verdict = _verdict(checks)
+    f.caveats = ctx.caveats_for(*involved, ceiling=True)
+    return f
+
+
+def _f_dropout(ctx: _Ctx) -> Finding:
+    f = Finding("dropout", "Dropout 0.5: a draw", "", "")
+    checks: list[bool | None] = []
+    involved: list[Cell | None] = []
+    for model in ctx.models:
+        for level in ctx.levels("dropout", model):
+            van, bn = (
+                ctx.cell("dropout", level, model, "vanilla"),
+                ctx.cell("dropout", level, model, "batchnorm"),
+            )
+            if van is None or bn is None:
+                continue
+            comp = compare(bn, van, ctx.margin)
+            checks.append(comp.outcome == "draw")
+            f.evidence.append(_cmp_text(comp, f"{model.upper()} with dropout {level}"))
+            involved += [van, bn]
+    f.verdict = _verdict(checks)
+    f.caveats = ctx.caveats_for(*involved)
+    return f
+
+
+def _batch_size_of(ctx: _Ctx, model: str) -> list[tuple[int, str, str]]:
+    """(batch size, experiment, level) of every batch size run for ``model``, the baseline included."""
+    out = []
+    for level in ctx.levels("batch_size", model):
+        c = ctx.cell("batch_size", level, model, "vanilla") or ctx.cell(
+            "batch_size", level, model, "batchnorm"
+        )
+        if c is not None:
+            out.append((int((c.runs[0].get("recipe") or {}).get("batch_size", 0)), "batch_size", level))
+    if ctx.cell("baseline", "baseline", model, "vanilla") is not None:
+        c = ctx.cell("baseline", "baseline", model, "vanilla")
+        assert c is not None
+        out.append((int((c.runs[0].get("recipe") or {}).get("batch_size", 64)), "baseline", "baseline"))
+    return sorted(out)
+
+
+def _f_batch_sizes(ctx: _Ctx) -> Finding:
+    f = Finding("batch_size", "BN is ahead at every batch size from 32 to 1024", "", "")
+    checks: list[bool | None] = []
+    involved: list[Cell | None] = []
+    for model in ctx.models:
+        if not ctx.levels("batch_size", model):
+            continue
+        parts = []
+        for bs, exp, level in _batch_size_of(ctx, model):
+            if not 32 <= bs <= 1024:
+                continue
+            van, bn = ctx.cell(exp, level, model, "vanilla"), ctx.cell(exp, level, model, "batchnorm")
+            if van is None or bn is None:
+                continue
+            comp = compare(bn, van, ctx.margin)
+            checks.append(_outcome_check(comp.outcome, "win"))
+            parts.append(f"{bs}: {_pts(comp.delta)} ({comp.outcome})")
+            involved += [van, bn]
+        if parts:
+            f.evidence.append(
+                f"{model.upper()}, batchnorm minus vanilla by batch size: " + ", ".join(parts) + "."
+            )
+    f.verdict = _verdict(checks)
+    f.caveats = ctx.caveats_for(*involved, ceiling=True)
+    if involved and any(c is not None and c.capped for c in involved):
+        f.caveats.append(
+            "large batches take few steps per epoch, so an epoch cap limits them most: their losses say more about "
+            "the cap than about BatchNorm"
+        )
+    return f
+
+
+def _f_small_batch(ctx: _Ctx) -> Finding:
+    f = Finding("small_batch", "BN hurts at batch size 4; Batch Renormalization is the remedy", "", "")
+    checks: list[bool | None] = []
+    involved: list[Cell | None] = []
+    for model in ctx.models:
+        for bs, exp, level in _batch_size_of(ctx, model):
+            if bs > 8:
+                continue
+            van, bn, rn = (ctx.cell(exp, level, model, v) for v in ("vanilla", "batchnorm", "renorm"))
+            if van is not None and bn is not None:
+                comp = compare(bn, van, ctx.margin)
+                checks.append(_outcome_check(comp.outcome, "loss"))
+                f.evidence.append(_cmp_text(comp, f"{model.upper()} at batch size {bs}, BN vs vanilla"))
+                involved += [van, bn]
+            if rn is not None and bn is not None:
+                comp = compare(rn, bn, ctx.margin)
+                checks.append(_outcome_check(comp.outcome, "win"))
+                f.evidence.append(_cmp_text(comp, f"{model.upper()} at batch size {bs}, renorm vs batchnorm"))
+                involved += [rn]
+    f.verdict = _verdict(checks)
+    f.caveats = ctx.caveats_for(*involved)
+    if involved and f.verdict != "reproduced":
+        f.caveats.append(
+            "Batch Renormalization's advantage in the paper comes from r and d correcting the batch statistics "
+            "after thousands of steps (r_max and d_max are relaxed from step 5,000 on); a short run on a small "
+            "dataset stays mostly in the phase where it equals BatchNorm"
+        )
+    return f
+
+
+def _f_walltime(ctx: _Ctx) -> Finding:
+    f = Finding("walltime", "BN costs 15-20 % more time per epoch", "", "")
+    table = overhead_table(ctx.records)
+    rows = [r for r in table if "batchnorm" in r["overhead"]]
+    checks: list[bool | None] = []
+    if rows:
+        measure = rows[0]["measure"]
+        overheads = [r["overhead"]["batchnorm"] for r in rows]
+        median = statistics.median(overheads)
+        checks.append(median > 0.02)
+        checks.append(0.10 <= median <= 0.30)
+        f.evidence.append(
+            f"BN's overhead per training epoch ({'CPU' if measure == 'cpu' else 'wall'} time): "
+            + ", ".join(
+                f"{r['model'].upper()} batch {r['batch_size']}: {100 * r['overhead']['batchnorm']:+.0f} %"
+                for r in rows
+            )
+            + f"; median {100 * median:+.0f} % (counted as reproduced when the median is within 10-30 %)."
+        )
+        faster = [r for r in rows if r["overhead"]["batchnorm"] < -0.02]
+        if faster:  # the noise is larger than the effect: nothing can be concluded either way
+            checks = [None]
+            sizes = ", ".join(f"{r['model'].upper()} batch {r['batch_size']}" for r in faster)
+            f.caveats.append(
+                f"BN appears faster than vanilla at {sizes}, which it cannot be for the same work plus "
+                "normalization: these timings are noisier than the effect (a shared, virtualized or throttled "
+                "machine); rerun on an idle machine, or with several seeds, to measure the overhead"
+            )
+        devices = {str(run.get("device")) for run in ctx.records}
+        f.caveats.append(
+            "time depends on the hardware; tiny networks are dominated by per-step framework overhead, which "
+            f"BN's share of the work does not change (device: {', '.join(sorted(devices))})"
+        )
+        if measure == "cpu":
+            f.caveats.append(
+                "measured as the process's CPU time per training epoch (one thread: the wall time of an idle "
+                "machine, without the waits for a core that other processes cause; results.json also holds "
+                "the wall times)"
+            )
+    f.verdict = _verdict(checks)
+    return f
+
+
+def _f_activations(ctx: _Ctx) -> Finding:
+    f = Finding("activations", "BN helps with every activation, most with sigmoid", "", "")
+    checks: list[bool | None] = []
+    involved: list[Cell | None] = []
+    for model in ctx.models:
+        levels = ctx.levels("activation", model)
+        if not levels:
+            continue
+        deltas: dict[str, float] = {}
+        parts = []
+        for exp, level in [("baseline", "baseline"), *(("activation", lv) for lv in levels)]:
+            van, bn = ctx.cell(exp, level, model, "vanilla"), ctx.cell(exp, level, model, "batchnorm")
+            if van is None or bn is None:
+                continue
+            comp = compare(bn, van, ctx.margin)
+            name = "relu" if exp == "baseline" else level
+            deltas[name] = comp.delta
+            checks.append(_outcome_check(comp.outcome, "win"))
+            parts.append(f"{name} {_pts(comp.delta)} ({comp.outcome})")
+            involved += [van, bn]
+        if parts:
+            f.evidence.append(f"{model.upper()}, batchnorm minus vanilla: " + ", ".join(parts) + ".")
+        if "sigmoid" in deltas and len(deltas) > 1:
+            largest = max(deltas, key=lambda k: deltas[k])
+            checks.append(largest == "sigmoid")
+            f.evidence.append(f"The largest gain is with {largest}.")
+    f.verdict = _verdict(checks)
+    f.caveats = ctx.caveats_for(*involved)
+    return f
+
+
+def _f_optimizer(ctx: _Ctx) -> Finding:
+    f = Finding("optimizer", "ReLU-SGD with BN is about as good as ReLU-Adam without", "", "")
+    checks: list[bool | None] = []
+    involved: list[Cell | None] = []
+    for model in ctx.models:
+        for level in ctx.levels("optimizer", model):
+            adam = ctx.cell("optimizer", level, model, "vanilla")
+            sgd_bn = ctx.cell("baseline", "baseline", model, "batchnorm")
+            if adam is None or sgd_bn is None:
+                continue
+            comp = compare(sgd_bn, adam, ctx.margin)
+            checks.append(comp.outcome == "draw")
+            f.evidence.append(
+                f"{model.upper()}: SGD with batchnorm {_pct(sgd_bn.mean())} vs {level} without "
+                f"{_pct(adam.mean())} ({_pts(comp.delta)}, threshold {100 * comp.threshold:.1f}): {comp.outcome}."
+            )
+            adam_bn = ctx.cell("optimizer", level, model, "batchnorm")
+            if adam_bn is not None:
+                f.evidence.append(f"{level} with batchnorm: {_pct(adam_bn.mean())}.")
+            involved += [adam, sgd_bn]
+    f.verdict = _verdict(checks)
+    f.caveats = ctx.caveats_for(*involved)
+    return f
+
+
+def _f_noisy(ctx: _Ctx) -> Finding:
+    f = Finding(
+        "noisy",
+        "Noisy BN still beats vanilla (Santurkar et al.): stable input distributions are not why BN works",
+        "",
+        "",
+    )
+    checks: list[bool | None] = []
+    involved: list[Cell | None] = []
+    for model in ctx.models:
+        van, bn, noisy = (
+            ctx.cell("baseline", "baseline", model, v) for v in ("vanilla", "batchnorm", "noisy")
+        )
+        if van is None or noisy is None:
+            continue
+        comp = compare(noisy, van, ctx.margin)
+        checks.append(_outcome_check(comp.outcome, "win"))
+        f.evidence.append(_cmp_text(comp, f"{model.upper()} baseline, noisy BN vs vanilla"))
+        if bn is not None:
+            f.evidence.append(f"Plain batchnorm: {_pct(bn.mean())}.")
+        involved += [van, noisy]
+    f.verdict = _verdict(checks)
+    f.caveats = ctx.caveats_for(*involved, ceiling=True)
+    return f
+
+
+def _first_layer_grad(record: Record) -> tuple[float, float] | None:
+    """Mean |grad| of the first and of the last monitored layer, averaged over the first epoch's samples."""
+    flow = ((record.get("diagnostics") or {}).get("gradient_flow")) or []
+    if not flow:
+        return None
+    first_epoch = [r for r in flow if r.get("epoch") == flow[0].get("epoch")]
+    layers = list(first_epoch[0].get("layers", {}))
+    if not layers:
+        return None
+
+    def mean_of(layer: str) -> float:
+        return _mean(
+            [float(r["layers"][layer]["mean_abs"]) for r in first_epoch if layer in r.get("layers", {})]
+        )
+
+    return mean_of(layers[0]), mean_of(layers[-1])
+
+
+def _f_gradient_flow(ctx: _Ctx) -> Finding:
+    f = Finding("gradient_flow", "With sigmoid, BN keeps the first layers' gradients alive", "", "")
+    checks: list[bool | None] = []
+    for model in ctx.models:
+        runs = {
+            v: next((r for r in c.runs if r.get("diagnostics")), None)
+            for v in ("vanilla", "batchnorm")
+            if (c := ctx.cell("activation", "sigmoid", model, v)) is not None
+        }
+        van, bn = runs.get("vanilla"), runs.get("batchnorm")
+        g_van, g_bn = (_first_layer_grad(r) if r else None for r in (van, bn))
+        if g_van is None or g_bn is None:
+            continue
+        checks.append(g_bn[0] > 2 * g_van[0])
+        f.evidence.append(
+            f"{model.upper()} with sigmoid, mean |gradient| of the first layer in the first epoch: batchnorm "
+            f"{g_bn[0]:.2e}, vanilla {g_van[0]:.2e} (last layer: {g_bn[1]:.2e} and {g_van[1]:.2e})."
+        )
+    f.verdict = _verdict(checks)
+    if checks:
+        f.caveats.append("counted as reproduced when BN's first-layer gradient is more than twice vanilla's")
+    return f
+
+
+#: The claims :func:`findings` checks: key -> (title, the published claim, where it comes from).
+CLAIMS: dict[str, tuple[str, str]] = {
+    "accuracy": ("BN gives a higher accuracy and converges in fewer epochs.", "Schilling; Ioffe & Szegedy"),
+    "sigmoid": ("With sigmoid (+ Xavier init) vanilla is stuck at chance while BN trains.", "Schilling"),
+    "lr": (
+        "With a learning rate x10 (0.1) vanilla is stuck while BN trains, better and faster.",
+        "Schilling",
+    ),
+    "init": ("With N(0, 1) initialization vanilla is stuck while BN trains.", "Schilling"),
+    "weight_decay": ("L2 weight decay 5e-4 improves both, and BN stays ahead.", "Schilling"),
+    "dropout": ("With dropout 0.5 vanilla and BN draw.", "Schilling"),
+    "batch_size": ("BN is ahead at every batch size from 32 to 1024.", "Schilling"),
+    "small_batch": (
+        "BN hurts at batch size 4; Batch Renormalization is the remedy.",
+        "MNIST MLP study; Ioffe 2017",
+    ),
+    "walltime": ("BN costs 15-20 % more wall time per epoch.", "Schilling, Table B.4"),
+    "activations": (
+        "BN helps with every activation (relu, leaky relu, sigmoid, softplus, tanh), most with sigmoid.",
+        "MNIST MLP study",
+    ),
+    "optimizer": ("ReLU-SGD with BN is about as good as ReLU-Adam without BN.", "MNIST MLP study"),
+    "gradient_flow": (
+        "With sigmoid, BN keeps the gradients of the first layers alive where vanilla's vanish (e.g. 0.1 vs 0.02).",
+        "Schilling",
+    ),
+    "noisy": (
+        "BN with noise injected after it (unstable layer inputs) still trains better than vanilla.",
+        "Santurkar et al. 2018",
+    ),
+}
+
+
+def findings(records: Sequence[Record], draw_margin: float = 0.01) -> list[Finding]:
+    """The verdict on each published claim (see :data:`CLAIMS`), computed from the records alone."""
+    ctx = _Ctx(records, draw_margin)
+    out = [
+        _f_baseline(ctx),
+        _f_rescue(ctx, "sigmoid", "Sigmoid: vanilla stuck, BN trains", "activation", "sigmoid"),
+        _f_rescue(
+            ctx, "lr", "Learning rate x10: vanilla stuck, BN better and faster", "lr", "lr=0.1", faster=True
+        ),
+        _f_rescue(ctx, "init", "N(0, 1) initialization: vanilla stuck, BN trains", "init", "normal(1.0)"),
+        _f_weight_decay(ctx),
+        _f_dropout(ctx),
+        _f_batch_sizes(ctx),
+        _f_small_batch(ctx),
+        _f_walltime(ctx),
+        _f_activations(ctx),
+        _f_optimizer(ctx),
+        _f_gradient_flow(ctx),
+        _f_noisy(ctx),
+    ]
+    hints = {
+        "accuracy": "baseline",
+        "sigmoid": "activation:sigmoid",
+        "lr": "lr",
+        "init": "init",
+        "weight_decay": "baseline,weight_decay",
+        "dropout": "dropout",
+        "batch_size": "baseline,batch_size",
+        "small_batch": "batch_size:bs=4 with --variants vanilla,batchnorm,renorm",
+        "walltime": "baseline,batch_size",
+        "activations": "baseline,activation",
+        "optimizer": "baseline,optimizer",
+        "gradient_flow": "activation:sigmoid (its first seed records the gradients)",
+        "noisy": "baseline with --variants vanilla,batchnorm,noisy",
+    }
+    for f in out:
+        claim, source = CLAIMS[f.key]
+        f.claim = f"{claim} ({source})"
+        if f.verdict == "not run":
+            f.evidence = [f"This study did not run the settings it needs (--factors {hints[f.key]})."]
+            f.caveats = []
+    return out
