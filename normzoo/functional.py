@@ -178,18 +178,58 @@ def batch_renorm(
     if warmup and not sync:
         # The paper's warm-up bounds make r = 1 and d = 0: BatchNorm exactly, on its own fused kernel.
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-    # r and d come from the running statistics before this step's update.
-    previous_mean, previous_var = running_mean.clone(), running_var.clone()
     count: Tensor | None = None
     if sync:
+        # r and d come from the running statistics before this step's update.
+        previous_mean, previous_var = running_mean.clone(), running_var.clone()
         mean, var, count = sync_batch_stats(input, process_group)
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    else:
-        mean, var = batch_norm_stats(input, running_mean, running_var, momentum)
-    if not warmup:
+        if warmup:
+            return _normalize_with_stats(input, weight, bias, mean, var, count, eps, True, process_group)
         r, d = renorm_correction(mean, var, previous_mean, previous_var, r_max, d_max, eps)
-        weight, bias = _renorm_affine(weight, bias, r.to(running_var.dtype), d.to(running_var.dtype))
+    else:
+        bounds = [torch.as_tensor(b, dtype=torch.float64, device=running_var.device) for b in (r_max, d_max)]
+        mean, var, r, d = _renorm_statistics(
+            input.detach(), running_mean, running_var, momentum, eps, *bounds
+        )
+    weight, bias = _renorm_affine(weight, bias, r.to(running_var.dtype), d.to(running_var.dtype))
     return _normalize_with_stats(input, weight, bias, mean, var, count, eps, sync, process_group)
+
+
+@torch.library.custom_op("normzoo::renorm_statistics", mutates_args=("running_mean", "running_var"))
+def _renorm_statistics(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+    r_max: Tensor,
+    d_max: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch statistics, torch's running update, and ``r``, ``d`` from the statistics before it.
+
+    One opaque operator on purpose: traced by ``torch.compile`` as separate ops, the backward graph would be
+    free to recompute ``r`` and ``d`` from the running buffers after the forward has updated them in place.
+    """
+    previous_mean, previous_var = running_mean.clone(), running_var.clone()
+    mean, var = batch_norm_stats(input, running_mean, running_var, momentum)
+    r, d = renorm_correction(mean, var, previous_mean, previous_var, r_max, d_max, eps)
+    return mean, var, r, d
+
+
+@_renorm_statistics.register_fake
+def _(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+    r_max: Tensor,
+    d_max: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    channels = input.shape[1]
+    stats = input.new_empty(channels, dtype=_stats_dtype(input))
+    return stats, stats.clone(), running_var.new_empty(channels), running_var.new_empty(channels)
 
 
 def _renorm_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:

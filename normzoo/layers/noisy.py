@@ -108,7 +108,8 @@ class _NoisyBatchNorm(BatchNormBase):
                 momentum,
                 self.eps,
             )
-        if self.generator is not None and self.generator.device != input.device:
+        # Compare device types: torch.Generator("cuda") reports no index and serves every CUDA device.
+        if self.generator is not None and self.generator.device.type != input.device.type:
             raise RuntimeError(
                 f"{type(self).__name__} has its generator on {self.generator.device} but got input on "
                 f"{input.device}; give it a generator on the input's device"
