@@ -1,0 +1,154 @@
+"""Overhead of normzoo's diagnostics callbacks on the seed study's CNN, with their default settings.
+
+Run from the repository root::
+
+    python benchmarks/callbacks.py [--epochs 48] [--repeats 3] [--norm batchnorm|none] [--threads N]
+                                   [--per-monitor] [--json PATH]
+
+The model is :func:`normzoo.models.build_cnn` (six 3x3 convolutions, 32-64-128 channels, BN before every
+ReLU unless ``--norm none``) in :class:`normzoo.lightning.ClassificationModule` (SGD + Nesterov, lr 0.01)
+on :class:`normzoo.lightning.DigitsDataModule` (8x8 digits, 1,293 training images, batch 64: 21 optimizer
+steps an epoch), CPU, no logger. ``--epochs 48`` gives 1,008 steps, enough for every default schedule to
+fire (every 50 steps: weights, gradients, activations; every 500: ICS, landscape; every 1000: Jacobian
+spectra). That CNN is tiny (about 10-20 ms a step on a CPU core), so this is a worst case: a monitor's
+sample costs about the same in absolute terms on a bigger model, whose steps are longer.
+
+Each round trains the model twice from the same seed, once without callbacks and once with all seven
+monitors at their defaults (``save_figures=False``: the one-off figure rendering at the end of training is
+timed separately, per figure), in an order that alternates between rounds so that drifting machine load
+hits both alike. The overhead of a round is ``time(with) / time(without) - 1`` for the wall time of
+``Trainer.fit`` and for the process CPU time; the report gives the median over rounds, and the ratio of the
+fastest run with monitors to the fastest run without (the least disturbed by other load on the machine).
+The first round includes the one-off start-up of ``torch.func`` (vmap/jacrev/jvp) in the process. ``--per-monitor``
+adds one run per monitor alone (one round), to see where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from normzoo.lightning import ClassificationModule, DigitsDataModule
+from normzoo.lightning.callbacks import DiagnosticCallback, all_monitors
+from normzoo.models import build_cnn
+
+
+def fit_once(
+    norm: str | None, epochs: int, callbacks: list[pl.Callback], seed: int = 0
+) -> tuple[float, float]:
+    """Train once; ``(wall seconds, process CPU seconds)`` of ``Trainer.fit``."""
+    pl.seed_everything(seed, verbose=False)
+    data = DigitsDataModule(batch_size=64, seed=seed)
+    module = ClassificationModule(build_cnn(1, data.num_classes, norm=norm), data.num_classes, lr=0.01)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    wall, cpu = time.perf_counter(), time.process_time()
+    trainer.fit(module, data)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def monitors() -> list[DiagnosticCallback]:
+    return all_monitors(save_figures=False)
+
+
+def figure_times(callbacks: list[DiagnosticCallback], folder: str) -> dict[str, float]:
+    out = {}
+    for cb in callbacks:
+        start = time.perf_counter()
+        cb.save_figure(f"{folder}/{cb.name}.png")
+        out[cb.name] = time.perf_counter() - start
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--norm", default="batchnorm", help="batchnorm | renorm | noisy | none")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--per-monitor", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    norm = None if args.norm == "none" else args.norm
+    fit_once(norm, 1, [])  # warm-up: imports, data, allocator
+    rounds: list[dict[str, float]] = []
+    last: list[DiagnosticCallback] = []
+    for r in range(args.repeats):
+        runs: dict[str, tuple[float, float]] = {}
+        order: list[tuple[str, Callable[[], list[DiagnosticCallback]]]] = [("base", list), ("all", monitors)]
+        for label, make in order if r % 2 == 0 else order[::-1]:
+            cbs = make()
+            runs[label] = fit_once(norm, args.epochs, list(cbs))
+            if label == "all":
+                last = cbs
+        rounds.append(
+            {
+                "base_wall_s": runs["base"][0],
+                "all_wall_s": runs["all"][0],
+                "wall_overhead": runs["all"][0] / runs["base"][0] - 1,
+                "cpu_overhead": runs["all"][1] / runs["base"][1] - 1,
+            }
+        )
+        print(
+            f"round {r}: without {runs['base'][0]:.1f} s, with all monitors {runs['all'][0]:.1f} s: "
+            f"wall {rounds[-1]['wall_overhead']:+.1%}, cpu {rounds[-1]['cpu_overhead']:+.1%}",
+            flush=True,
+        )
+    steps = {cb.name: len(cb.history) for cb in last}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = figure_times(last, tmp)
+    result: dict[str, Any] = {
+        "model": f"build_cnn(1, 10, norm={norm!r}) on digits, batch 64, {args.epochs} epochs",
+        "torch_threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "wall_overhead_median": statistics.median(r["wall_overhead"] for r in rounds),
+        "cpu_overhead_median": statistics.median(r["cpu_overhead"] for r in rounds),
+        "wall_overhead_of_fastest": min(r["all_wall_s"] for r in rounds)
+        / min(r["base_wall_s"] for r in rounds)
+        - 1,
+        "samples_per_monitor": steps,
+        "figure_s": figures,
+    }
+    print(
+        f"overhead of all monitors (defaults): wall {result['wall_overhead_median']:+.1%}, "
+        f"cpu {result['cpu_overhead_median']:+.1%} (median of {args.repeats} rounds); "
+        f"fastest with / fastest without: {result['wall_overhead_of_fastest']:+.1%}"
+    )
+    print("samples recorded:", steps)
+    print("figure rendering, one-off at the end:", {k: round(v, 2) for k, v in figures.items()}, "s")
+    if args.per_monitor:
+        base = statistics.median(r["base_wall_s"] for r in rounds)
+        per: dict[str, float] = {}
+        for cb in monitors():
+            wall, _ = fit_once(norm, args.epochs, [cb])
+            per[cb.name] = wall / base - 1
+            print(f"  {cb.name:14s} alone: {per[cb.name]:+.1%}", flush=True)
+        result["per_monitor_wall_overhead"] = per
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
