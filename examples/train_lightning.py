@@ -14,26 +14,13 @@ take well under a minute on two CPU cores::
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import lightning as L
 import torch
 
 from normzoo.lightning import ClassificationModule, DigitsDataModule
-
-
-class _EpochClock(L.Callback):
-    """Wall time of each training epoch (validation excluded)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.times.append(time.perf_counter() - self._start)
+from normzoo.lightning.callbacks import EpochTimer
 
 
 def run(norm: str | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -48,7 +35,7 @@ def run(norm: str | None, args: argparse.Namespace) -> dict[str, Any]:
         model_kwargs={**size, "activation": args.activation, "init": args.init},
         lr=args.lr,
     )
-    clock = _EpochClock()
+    clock = EpochTimer()
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,
@@ -64,7 +51,7 @@ def run(norm: str | None, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "val_acc": val_acc,
         "test_acc": test["test/acc"],
-        "epoch_s": sum(clock.times) / len(clock.times),
+        "epoch_s": clock.summary()["epoch_mean_s"],
     }
 
 

@@ -35,6 +35,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .surgery import DEFAULT_ACTIVATION_MODULES
+
 __all__ = [
     "SV_HISTOGRAM_EDGES",
     "JacobianSpectrum",
@@ -117,28 +119,6 @@ def gradient_change(g: Tensor, g_new: Tensor) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------
 _DEAD_KINDS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 _SATURATING: dict[type[nn.Module], str] = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardtanh: "tanh"}
-_ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.LogSigmoid,
-    nn.Tanhshrink,
-)
 
 
 def activation_kind(module: nn.Module) -> Literal["relu", "sigmoid", "tanh", "other"] | None:
@@ -154,7 +134,7 @@ def activation_kind(module: nn.Module) -> Literal["relu", "sigmoid", "tanh", "ot
     for cls, kind in _SATURATING.items():
         if isinstance(module, cls):
             return "sigmoid" if kind == "sigmoid" else "tanh"
-    return "other" if isinstance(module, _ACTIVATIONS) else None
+    return "other" if isinstance(module, DEFAULT_ACTIVATION_MODULES) else None
 
 
 def activation_stats(

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import functional as NF
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
@@ -289,6 +291,31 @@ class BatchNormBase(SyncMixin, NormBase):
     def _normalize(self, input: Tensor) -> Tensor:
         """The family's computation; calls :meth:`_average_factor` once per forward."""
         raise NotImplementedError
+
+    def _batch_norm(self, input: Tensor, momentum: float) -> Tensor:
+        """Plain BatchNorm with this layer's state, synchronized over the group when :meth:`_sync_active`."""
+        running_mean, running_var = self._running_stats_to_update()
+        if self._sync_active():
+            return NF.sync_batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                momentum,
+                self.eps,
+                self.process_group,
+            )
+        return NF.batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            self._uses_batch_stats(),
+            momentum,
+            self.eps,
+        )
 
 
 class Input1d:

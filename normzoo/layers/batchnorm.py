@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import functional as NF
 from ._base import BatchNormBase, Input1d, Input2d, Input3d
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -12,29 +11,7 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 class _BatchNorm(BatchNormBase):
     def _normalize(self, input: Tensor) -> Tensor:
-        momentum = self._average_factor()
-        running_mean, running_var = self._running_stats_to_update()
-        if self._sync_active():
-            return NF.sync_batch_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                momentum,
-                self.eps,
-                self.process_group,
-            )
-        return NF.batch_norm(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            self._uses_batch_stats(),
-            momentum,
-            self.eps,
-        )
+        return self._batch_norm(input, self._average_factor())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._sync_repr()

@@ -96,18 +96,9 @@ class _NoisyBatchNorm(BatchNormBase):
 
     def _normalize(self, input: Tensor) -> Tensor:
         momentum = self._average_factor()
-        running_mean, running_var = self._running_stats_to_update()
         if not self.training:
-            return NF.batch_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                self._uses_batch_stats(),
-                momentum,
-                self.eps,
-            )
+            return self._batch_norm(input, momentum)
+        running_mean, running_var = self._running_stats_to_update()
         # Compare device types: torch.Generator("cuda") reports no index and serves every CUDA device.
         if self.generator is not None and self.generator.device.type != input.device.type:
             raise RuntimeError(

@@ -50,16 +50,16 @@ _UPDATE_RATIO_TARGET = 1e-3  # cs231n: updates of about 1e-3 of the weights are 
 
 
 def new_figure(
-    nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (4.2, 3.0)
+    nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (4.2, 3.0), squeeze: bool = True
 ) -> tuple[Figure, Any]:
     """An Agg-backed figure with ``nrows x ncols`` panels of ``size`` inches each; ``(fig, axes)`` with
-    ``axes`` squeezed like :func:`matplotlib.pyplot.subplots`'s."""
+    ``axes`` squeezed (or not) like :func:`matplotlib.pyplot.subplots`'s."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=True)
+    axes = fig.subplots(nrows, ncols, squeeze=squeeze)
     return fig, axes
 
 

@@ -126,18 +126,15 @@ def _factor_levels(records: Sequence[Record], experiment: str, model: str) -> li
 
 
 def _new_figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from normzoo.lightning.plotting import new_figure
 
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
+    return new_figure(nrows, ncols, size=size, squeeze=False)
 
 
 def _save(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80, format="png")
+    from normzoo.lightning.plotting import save_png
+
+    save_png(fig, path, dpi=80)
 
 
 def _curves_figure(
