@@ -158,7 +158,19 @@ def _batch_stats_forward(module: Any, sums: BatchStatSums) -> Any:
 
     def forward(input: Tensor) -> Tensor:
         sums.add_batch(input)
-        output = F.batch_norm(input, None, None, module.weight, module.bias, True, 0.0, module.eps)
+        if input.numel() // max(input.shape[1], 1) > 1:
+            output = F.batch_norm(input, None, None, module.weight, module.bias, True, 0.0, module.eps)
+        else:  # one value per channel has no batch statistics: feed later layers with the running ones
+            output = F.batch_norm(
+                input,
+                module.running_mean,
+                module.running_var,
+                module.weight,
+                module.bias,
+                False,
+                0.0,
+                module.eps,
+            )
         drop, act = module._modules.get("drop"), module._modules.get("act")  # timm's BatchNormAct2d
         if drop is not None:
             output = drop(output)

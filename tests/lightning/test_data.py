@@ -143,6 +143,16 @@ def test_dataset_fetching_is_consistent() -> None:
         StandardizedTensorDataset(data, torch.arange(3))
 
 
+def test_feature_stats_of_mnist_sized_uint8_data() -> None:
+    """n·Σx² and (Σx)² exceed int64 for MNIST-sized byte data: the moments must not wrap."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (54_000, 1, 28, 28), dtype=torch.uint8, generator=g)  # MNIST train
+    mean, std = feature_stats(data)
+    flat = data.double().flatten()
+    assert float(mean) == pytest.approx(float(flat.mean()), rel=1e-12)
+    assert float(std) == pytest.approx(float(flat.std(correction=0)), rel=1e-9)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_feature_stats_match_numpy(per_channel: bool, dtype: torch.dtype) -> None:

@@ -48,6 +48,23 @@ def test_matches_algorithm_2_with_unequal_batches() -> None:
     assert int(model[12].num_batches_tracked) == 4  # momentum=None: the number of batches pooled
 
 
+def test_a_last_batch_of_one_sample_is_pooled() -> None:
+    """A DataLoader without drop_last can end on one sample: no batch statistics, but its values count."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 3, generator=g) for _ in range(3)] + [torch.randn(1, 3, generator=g)]
+    nz.recompute_bn_stats(model, data)
+    with torch.no_grad():
+        hidden = [model[0](x).double() for x in data]
+    counts = torch.tensor([h.shape[0] for h in hidden], dtype=torch.float64)
+    means = torch.stack([h.mean(0) for h in hidden])
+    m2 = torch.stack([((h - h.mean(0)) ** 2).sum(0) for h in hidden])
+    mean = (counts[:, None] * means).sum(0) / counts.sum()
+    var = m2.sum(0) / (counts - 1).sum()  # each batch's degrees of freedom; the single sample adds none
+    torch.testing.assert_close(model[1].running_mean.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var.double(), var, rtol=1e-6, atol=1e-6)
+
+
 def test_equal_batches_are_algorithm_2_exactly() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     data = [torch.randn(m, 3) for m in (6, 6, 6)]

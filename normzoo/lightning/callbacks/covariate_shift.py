@@ -74,7 +74,13 @@ class CovariateShiftMonitor(ProbingMonitor):
             return
         layers = {name: {"l2": l2, "cos": cos} for (name, _), (l2, cos) in zip(kept, values, strict=True)}
         self._record(trainer, trainer.global_step, layers=layers)
-        later = list(layers.values())[1:]  # the first layer's G' is G
+        # A layer that owns the model's first trainable parameter has no earlier layer: its G' is G.
+        order = list(params)
+        later = [
+            value
+            for (_, group), value in zip(kept, layers.values(), strict=True)
+            if min(order.index(name) for name in group) > 0
+        ]
         metrics: dict[str, Any] = {f"{k}_mean": finite_mean(v[k] for v in later) for k in ("l2", "cos")}
         metrics.update(self._layer_metrics(layers, ("l2", "cos")))
         self._log(pl_module, metrics)

@@ -98,8 +98,10 @@ def feature_stats(data: Tensor, per_channel: bool = False, chunk: int = 4096) ->
         total_sq = total_sq + (part * part).sum(dim=dims)
     count = data.numel() // (data.shape[1] if per_channel else 1)
     mean = total.to(torch.float64) / count
-    if exact:  # exact integer moments: var = (n·Σx² − (Σx)²) / n²
-        var = (count * total_sq - total * total).to(torch.float64) / count**2
+    if exact:  # exact integer moments: var = (n·Σx² − (Σx)²) / n², in Python ints (beyond int64 for MNIST)
+        sums, squares = total.reshape(-1).tolist(), total_sq.reshape(-1).tolist()
+        moments = [(count * b - a * a) / count**2 for a, b in zip(sums, squares, strict=True)]
+        var = torch.tensor(moments, dtype=torch.float64).reshape(total.shape)
     else:
         var = total_sq / count - mean * mean
     std = var.clamp_min(0).sqrt()

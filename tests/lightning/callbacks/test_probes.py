@@ -52,6 +52,19 @@ def test_ics_against_a_manual_replay(tmp_path) -> None:
     )
 
 
+def test_ics_means_keep_a_first_layer_that_has_earlier_parameters(tmp_path) -> None:
+    """An input BatchNorm owns the first parameters: the first monitored Linear has a real G' != G."""
+    model = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    monitor = CovariateShiftMonitor(every_n_steps=1, save_figures=False)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=1)
+    trainer.fit(TinyModule(model, lr=0.2), loader())
+    layers = monitor.history[0]["layers"]
+    assert set(layers) == {"1", "3"}
+    assert all(v["l2"] > 0 for v in layers.values())
+    expected = sum(v["l2"] for v in layers.values()) / len(layers)
+    assert trainer.callback_metrics["ics/l2_mean"].item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_landscape_against_a_manual_loop(tmp_path) -> None:
     module = TinyModule(mlp(), lr=0.1)
     init = copy.deepcopy(module.model)
