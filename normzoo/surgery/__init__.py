@@ -12,15 +12,13 @@ Each takes any ``nn.Module`` and returns the model (a deep copy unless ``inplace
 ``recompute_bn_stats`` works in place). See ``docs/surgery.md`` for the rules.
 """
 
-from ._graph import GraphForward
+from .._activations import ACTIVATION_FUNCTIONS as DEFAULT_ACTIVATION_FUNCTIONS
+from .._activations import ACTIVATION_METHODS as DEFAULT_ACTIVATION_METHODS
+from .._activations import ACTIVATION_MODULES as DEFAULT_ACTIVATION_MODULES
+from ._forward import GraphForward
 from ._modules import BatchNormAct2d, BatchRenormAct2d, LazyNorm, NoisyBatchNormAct2d, NormAct
 from .fuse import fuse_bn
-from .insert import (
-    DEFAULT_ACTIVATION_FUNCTIONS,
-    DEFAULT_ACTIVATION_METHODS,
-    DEFAULT_ACTIVATION_MODULES,
-    insert_bn,
-)
+from .insert import insert_bn
 from .remove import remove_bn
 from .replace import replace_bn
 from .stats import BatchStatSums, apply_bn_stat_sums, collect_bn_stat_sums, recompute_bn_stats

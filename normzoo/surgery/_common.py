@@ -74,7 +74,7 @@ def copy_model(model: M, inplace: bool, fname: str) -> M:
         return copy.deepcopy(model)
     except Exception as error:  # a model holding something that cannot be copied (a lock, a file, ...)
         raise RuntimeError(
-            f"{fname}: could not deep-copy the model ({type(error).__name__}: {error}); "
+            f"{fname}: expected a model that copy.deepcopy can copy, got {type(error).__name__}: {error}; "
             "pass inplace=True to modify it in place"
         ) from error
 

@@ -12,15 +12,15 @@ zero-padded convolution stays. Adjacency is read from the per-module torch.fx gr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._common import check_model, copy_model, has_act, hook_dict_names, is_surgery_bn, set_submodule
-from ._graph import ModelGraph, Value
+from ._graph import ModelGraph, Value, first_input
 from ._modules import NormAct
 from .remove import removal_replacement
 
@@ -32,26 +32,17 @@ _FOLDABLE = (nn.Linear, *_CONV, *_CONV_T)
 _PASS = (nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout)  # identities in eval mode
 
 
-def _is_atomic(module: nn.Module) -> bool:
-    if is_surgery_bn(module) or isinstance(module, (*_FOLDABLE, *_PASS)):
-        return True
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
-        return True
-    cls = type(module)
-    return (
-        cls.__module__.startswith("torch.")
-        and cls is not nn.Sequential
-        and not isinstance(module, fx.GraphModule)
-    )
+def _is_leaf(module: nn.Module) -> bool:
+    return is_surgery_bn(module) or isinstance(module, (*_FOLDABLE, *_PASS))
+
+
+def _passes(graphs: ModelGraph) -> Callable[[Value], bool]:
+    """What a fold sees through: identities and dropout, which are identities in eval mode."""
+    return lambda value: value.node.op == "call_module" and isinstance(graphs.module_at(value), _PASS)
 
 
 def _has_hooks(module: nn.Module) -> bool:
     return any(getattr(module, key, None) for key in hook_dict_names())
-
-
-def _first_arg(node: fx.Node) -> fx.Node | None:
-    arg = node.args[0] if node.args else node.kwargs.get("input")
-    return arg if isinstance(arg, fx.Node) else None
 
 
 def _refusal(graphs: ModelGraph, layer: nn.Module) -> str | None:
@@ -77,70 +68,39 @@ class _Neighbour:
 
 def _producer(graphs: ModelGraph, call: Value) -> _Neighbour | None:
     """The Linear/convolution whose output reaches the BN at ``call`` and nothing else, through identities."""
-    arg = _first_arg(call.node)
+    arg = first_input(call.node)
     if arg is None:
         return None
-    value = Value(call.owner, arg)
-    for _ in range(100_000):
+    passes = _passes(graphs)
+    for value in graphs.walk_back(Value(call.owner, arg), passes):
         node = value.node
         if len(node.users) != 1:
             return None
-        if node.op == "placeholder":
-            outer = graphs.caller_value(value)
-            if outer is None:
-                return None
-            value = outer
+        if node.op == "placeholder" or passes(value):
             continue
         if node.op != "call_module":
             return None
         module = graphs.module_at(value)
-        if isinstance(module, _PASS):
-            inner = _first_arg(node)
-            if inner is None:
-                return None
-            value = Value(value.owner, inner)
-            continue
         if type(module) in _FOLDABLE:
             return _Neighbour(module, graphs)
-        inner_output = graphs.inner_output(value)
-        if inner_output is None or graphs.call_count(module) != 1:
+        if graphs.call_count(module) != 1:
             return None
-        value = inner_output
-    return None  # pragma: no cover
+    return None
 
 
 def _consumer(graphs: ModelGraph, call: Value) -> _Neighbour | None:
     """The Linear/convolution that alone receives the BN output at ``call``, through identities."""
-    value = call
-    for _ in range(100_000):
-        users = list(value.node.users)
-        if len(users) != 1:
+    passes = _passes(graphs)
+    for step in graphs.walk_forward(call, passes):
+        node = step.node
+        if node.op != "call_module" or len(node.args) + len(node.kwargs) != 1:
             return None
-        user = users[0]
-        if user.op == "output":
-            sites = graphs.calls.get(id(graphs.owners[value.owner]), [])
-            if user.args[0] is not value.node or len(sites) != 1:
-                return None
-            value = Value(*sites[0])
-            continue
-        if (
-            user.op != "call_module"
-            or _first_arg(user) is not value.node
-            or len(user.args) + len(user.kwargs) != 1
-        ):
-            return None
-        step = Value(value.owner, user)
         module = graphs.module_at(step)
-        if isinstance(module, _PASS):
-            value = step
-            continue
         if type(module) in _FOLDABLE:
             return _Neighbour(module, graphs)
-        inner = graphs.inner_input(step, value.node)
-        if inner is None or graphs.call_count(module) != 1:
+        if not passes(step) and graphs.call_count(module) != 1:
             return None
-        value = inner
-    return None  # pragma: no cover
+    return None
 
 
 def _norm_of(module: nn.Module) -> Any:
@@ -319,10 +279,10 @@ def fuse_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, NormAct) and module.pending:
             raise ValueError(
-                f"fuse_bn: the norm layer of {name!r} is still pending (insert_bn without example_input sizes it "
-                "at the first forward); run one forward pass first"
+                f"fuse_bn: expected every norm layer of insert_bn to be sized, got {name!r} still pending "
+                "(insert_bn without example_input sizes it at the first forward); run one forward pass first"
             )
-    graphs = ModelGraph(model, _is_atomic)
+    graphs = ModelGraph(model, _is_leaf)
     after: list[tuple[nn.Module, nn.Module]] = []
     before: list[tuple[nn.Module, nn.Module]] = []
     skipped: list[str] = []

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..layers import is_batch_norm
 from ._common import check_model, copy_model, is_surgery_bn, without_act
-from ._graph import GraphForward, restore_forward
+from ._forward import undo_rewrite
 from ._modules import NormAct
 
 __all__ = ["removal_replacement", "remove_bn"]
@@ -69,13 +69,7 @@ def remove_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     memo: dict[int, nn.Module | None] = {}
     _remove_children(model, memo)
     for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if not isinstance(forward, GraphForward) or not forward.inserted:
-            continue
-        if all(isinstance(module._modules.get(name), nn.Identity) for name in forward.inserted):
-            restore_forward(module)
-            for name in forward.inserted:
-                delattr(module, name)
+        undo_rewrite(module)
     return model
 
 

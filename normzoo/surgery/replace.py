@@ -34,7 +34,8 @@ def _ndim(module: nn.Module, name: str) -> int:
         return 1 if 2 in dims else dims[0] - 2
     if isinstance(module, nn.modules.batchnorm._LazyNormBase) and module.has_uninitialized_params():
         raise ValueError(
-            f"replace_bn: {name} ({type(module).__name__}) is not initialized yet; run a forward pass first"
+            f"replace_bn: expected {name} ({type(module).__name__}) to be initialized, got uninitialized "
+            "parameters; run a forward pass first"
         )
     for ndim, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
         if isinstance(module, cls):
@@ -90,14 +91,15 @@ def _convert(old: Any, norm: NormSpec, name: str) -> nn.Module:
     new = (act_factory or factory)(int(old.num_features), **kwargs)
     if getattr(old, "track_running_stats", True) is False and getattr(new, "running_mean", None) is not None:
         raise ValueError(
-            f"replace_bn: {name} ({type(old).__name__}) has track_running_stats=False (it normalizes with batch "
-            f"statistics in eval too), which {type(new).__name__} cannot do: it always tracks running statistics, "
-            "so eval outputs would change"
+            f"replace_bn: expected a layer that {type(new).__name__} can stand for, got {name} "
+            f"({type(old).__name__}) with track_running_stats=False (it normalizes with batch statistics in eval "
+            f"too), which {type(new).__name__} cannot do: it always tracks running statistics, so eval outputs "
+            "would change"
         )
     if getattr(old, "affine", False) and getattr(new, "weight", None) is None:
         raise ValueError(
-            f"replace_bn: {name} ({type(old).__name__}) has a learned weight and bias, which {type(new).__name__} "
-            "lacks (affine=False)"
+            f"replace_bn: expected a kind with a learned weight and bias for {name} ({type(old).__name__}), "
+            f"got {type(new).__name__}, which lacks them (affine=False)"
         )
     for key in ("eps", "momentum"):
         if hasattr(old, key) and hasattr(new, key) and key not in kwargs and key not in fixed:

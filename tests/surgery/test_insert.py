@@ -246,7 +246,10 @@ def test_example_input_as_tuple_and_dict() -> None:
 
 
 def test_wrong_example_input_names_the_failing_module() -> None:
-    with pytest.raises(ValueError, match=r"example_input of shape \(4, 7\) failed in module '0' \(Linear\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected example_input of shape \(4, 7\) to run through Sequential, got RuntimeError in module '0' \(Linear\)",
+    ):
         nz.insert_bn(mlp(), example_input=torch.randn(4, 7))
     model = mlp()
     with pytest.raises(ValueError, match="example_input"):

@@ -86,7 +86,7 @@ def test_num_batches_and_mixed_flags() -> None:
     assert_matches(model, expected)
     assert [m.training for m in model] == [False] * 3 + [True] + [False] * 11
     assert int(model[12].num_batches_tracked) == 2
-    with pytest.raises(ValueError, match="num_batches must be a positive int"):
+    with pytest.raises(ValueError, match="expected num_batches to be a positive int"):
         nz.recompute_bn_stats(model, data, num_batches=0)
 
 
@@ -114,8 +114,29 @@ def test_batch_formats() -> None:
     torch.manual_seed(0)
     keyword = nz.recompute_bn_stats(KeywordNet(), [{"image": x, "label": y} for x, y in data])
     assert_matches(keyword.body, expected)
-    with pytest.raises(TypeError, match="none of which is a parameter"):
+    with pytest.raises(TypeError, match="expected a batch dict keyed by parameters"):
         nz.recompute_bn_stats(KeywordNet(), [{"x": tensors[0]}])
+
+
+def test_input_fn_reads_any_batch_and_follows_the_input_convention() -> None:
+    """``input_fn`` gives the input; a tuple input is positional arguments, as in insert_bn's example_input."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = net()
+
+        def forward(self, image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.body(image * scale)
+
+    data = batches([4, 6])
+    expected = hand_statistics(net(), [x * 2 for x, _ in data])
+    feed = [{"pixels": x, "target": y} for x, y in data]
+    torch.manual_seed(0)
+    model = nz.recompute_bn_stats(
+        TwoInputs(), feed, input_fn=lambda batch: (batch["pixels"], torch.tensor(2.0))
+    )
+    assert_matches(model.body, expected)
 
 
 @pytest.fixture(autouse=True)
