@@ -16,6 +16,7 @@ is :mod:`normzoo.surgery._forward`'s job.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ __all__ = [
     "Value",
     "first_input",
     "is_torch_layer",
+    "optional_arguments",
     "trace_module",
 ]
 
@@ -84,13 +86,29 @@ def _sequential_graph(module: nn.Sequential) -> fx.Graph:
     return graph
 
 
-def trace_module(module: nn.Module, training: bool | None = None) -> fx.Graph:
+def optional_arguments(module: nn.Module) -> tuple[str, ...]:
+    """The arguments of ``module``'s forward that default to ``None`` (it may branch on ``x is None``)."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, GraphForward):
+        return forward.optional
+    try:
+        parameters = inspect.signature(type(module).forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(
+        p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is None
+    )
+
+
+def trace_module(module: nn.Module, training: bool | None = None, none: tuple[bool, ...] = ()) -> fx.Graph:
     """The graph of ``module``'s own forward with its submodules as leaves.
 
     Args:
         module: the module to trace.
         training: trace as if ``module.training`` were this (only the module's own flag is changed, and
             restored); ``None`` traces in the current mode.
+        none: which of :func:`optional_arguments` to specialize to ``None`` (the graph then asserts they are);
+            the others are traced as tensors. Empty: none of them.
 
     Raises:
         TraceError: when torch.fx cannot trace it, with the reason.
@@ -98,10 +116,13 @@ def trace_module(module: nn.Module, training: bool | None = None) -> fx.Graph:
     mode = module.training if training is None else training
     instance_forward = module.__dict__.get("forward")
     if isinstance(instance_forward, GraphForward):
-        graph = instance_forward.graphs.get(mode) if instance_forward.graphs else None
+        variant = (mode, none or (False,) * len(instance_forward.optional))
+        graph = instance_forward.graphs.get(variant) if instance_forward.graphs else None
         if graph is None:
             raise TraceError(
                 "its forward was rewritten by normzoo and then unpickled, which drops the graphs"
+                if not instance_forward.graphs
+                else "its rewritten forward has no graph for these arguments"
             )
         return copy.deepcopy(graph)
     if instance_forward is not None:
@@ -111,8 +132,11 @@ def trace_module(module: nn.Module, training: bool | None = None) -> fx.Graph:
     before = set(module.__dict__)
     old_mode = module.training
     module.training = mode
+    concrete = {
+        name: None for name, is_none in zip(optional_arguments(module), none, strict=False) if is_none
+    }
     try:
-        graph = _LeafTracer().trace(module)
+        graph = _LeafTracer().trace(module, concrete_args=concrete or None)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TraceError(f"{type(error).__name__}: {reason}") from error
@@ -171,11 +195,34 @@ class ModelGraph:
                 continue
             self.graphs[name] = graph
             self.owners[name] = module
+        for name in self._inlined():
+            del self.graphs[name], self.owners[name]
+        for name, graph in self.graphs.items():
+            module = self.owners[name]
             self._graph_name[id(module)] = name
             for node in graph.nodes:
                 if node.op == "call_module":
                     target = module.get_submodule(str(node.target))
                     self.calls.setdefault(id(target), []).append((name, node))
+
+    def _inlined(self) -> set[str]:
+        """Traced modules whose ``forward`` a caller runs as ``child.forward(x)``, which skips ``__call__``.
+
+        The caller's graph then calls the child's own children (``down.0.relu`` from the root), and the
+        child's graph describes code that never runs from there: it is dropped, so its children count as
+        called once, from the caller, and get wrapped rather than rewritten into a forward nobody calls.
+        """
+        inlined: set[str] = set()
+        for owner, graph in self.graphs.items():
+            for node in graph.nodes:
+                if node.op != "call_module":
+                    continue
+                parts = str(node.target).split(".")
+                for end in range(1, len(parts)):
+                    through = ".".join(filter(None, (owner, *parts[:end])))
+                    if through in self.graphs:
+                        inlined.add(through)
+        return inlined
 
     # -- lookups ---------------------------------------------------------------------------------------------
 

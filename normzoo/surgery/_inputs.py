@@ -93,11 +93,12 @@ def describe(inputs: Any) -> str:
     return type(inputs).__name__
 
 
-def run_forward(model: nn.Module, inputs: Any, fname: str, label: str) -> None:
+def run_forward(model: nn.Module, inputs: Any, fname: str, label: str) -> dict[int, int]:
     """One forward pass of ``model`` on ``inputs`` in eval mode without gradients, flags restored after.
 
     Modules that the pass creates (a layer sized at its first forward) take the training flag of their
-    parent. On failure a ``ValueError`` names the module where the pass failed.
+    parent. On failure a ``ValueError`` names the module where the pass failed. Returns how many times each
+    module (by ``id``) was called.
 
     Args:
         model: the model.
@@ -108,11 +109,13 @@ def run_forward(model: nn.Module, inputs: Any, fname: str, label: str) -> None:
     args, kwargs = call_args(inputs)
     modes = {module: module.training for module in model.modules()}
     stack: list[str] = []
+    calls: dict[int, int] = {}
     handles = []
 
     def enter(name: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
+        def hook(module: nn.Module, _: Any) -> None:
             stack.append(name)
+            calls[id(module)] = calls.get(id(module), 0) + 1
 
         return hook
 
@@ -143,3 +146,4 @@ def run_forward(model: nn.Module, inputs: Any, fname: str, label: str) -> None:
             for child in parent.children():
                 if child not in modes:
                     child.train(parent.training)
+    return calls

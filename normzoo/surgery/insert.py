@@ -21,6 +21,7 @@ How a model is read (see ``docs/surgery.md`` for the full rules):
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -38,13 +39,16 @@ from ._common import (
     producer_layout,
     set_submodule,
 )
-from ._forward import install_graph_forward
-from ._graph import ModelGraph, TraceError, first_input, trace_module
+from ._forward import Variant, install_graph_forward
+from ._graph import ModelGraph, TraceError, first_input, optional_arguments, trace_module
 from ._inputs import run_forward
 from ._modules import LazyNorm, NormAct
 from ._sites import ActivationSpec, Site, Source, activation_nodes, find_sites, site_key
 
 __all__ = ["insert_bn"]
+
+#: A forward with more arguments that default to None is not rewritten (each doubles the graphs traced).
+_MAX_OPTIONAL = 4
 
 
 def _is_leaf(module: nn.Module, acts: ActivationSpec) -> bool:
@@ -115,8 +119,9 @@ def insert_bn(
     get_norm_layer(norm, 1)  # an unknown name fails here, listing the valid ones
     acts = ActivationSpec.parse(activations)
     model = copy_model(model, inplace, "insert_bn")
+    calls: dict[int, int] = {}
     if example_input is not None:
-        run_forward(model, example_input, "insert_bn", "example_input")
+        calls = run_forward(model, example_input, "insert_bn", "example_input")
 
     graphs = ModelGraph(model, lambda m: _is_leaf(m, acts))
     act_ids = {id(m) for m in model.modules() if isinstance(m, acts.modules)}
@@ -129,6 +134,14 @@ def insert_bn(
 
     sites, unreachable = find_sites(model, graphs, acts, act_ids)
     todo = [site for site in sites if site.source.kind != "norm"]
+    for site in todo:
+        count = calls.get(id(site.act), 0)
+        if not site.traced_caller and count > 1:  # seen in the example pass: one layer cannot serve each call
+            unreachable.append(
+                f"activation module {site.label!r} is called {count} times per forward from code torch.fx could "
+                "not trace, so its calls cannot get separate norm layers"
+            )
+    todo = [site for site in todo if site.traced_caller or calls.get(id(site.act), 0) <= 1]
     if not sites:
         if not unreachable:
             warnings.warn(
@@ -163,22 +176,7 @@ def insert_bn(
     applied = [site for site in todo if site.normact is not None]
 
     if example_input is not None and applied:
-        counts = _count_calls_during(
-            model, example_input, [s.normact for s in applied if not s.traced_caller]
-        )
-        for site in applied:
-            if not site.traced_caller and counts.get(id(site.normact), 0) > 1:
-                assert site.act is not None
-                for name in site.names:
-                    set_submodule(model, name, site.act)
-                warnings.warn(
-                    f"insert_bn: activation module {site.label!r} is called {counts[id(site.normact)]} times per "
-                    "forward from code torch.fx could not trace, so its calls cannot get separate norm layers; it "
-                    "gets none",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                site.normact = None
+        run_forward(model, example_input, "insert_bn", "example_input (with the new layers)")
     if remove_bias:
         for site in applied:
             _drop_bias(site)
@@ -232,12 +230,26 @@ def _rewrite(
     act_ids: set[int],
 ) -> None:
     reference = [site_key(n) for n in activation_nodes(reference_graph, module, acts, act_ids)]
-    graphs: dict[bool, fx.Graph] = {}
-    for mode in (True, False):
-        graph = trace_module(module, training=mode)
+    optional = optional_arguments(module)
+    if len(optional) > _MAX_OPTIONAL:
+        raise TraceError(f"its forward has more than {_MAX_OPTIONAL} arguments that default to None")
+    graphs: dict[Variant, fx.Graph | None] = {}
+    for mode, none in itertools.product(
+        (True, False), itertools.product((False, True), repeat=len(optional))
+    ):
+        try:
+            graph = trace_module(module, training=mode, none=none)
+        except TraceError:
+            if not any(none):
+                raise
+            graphs[(mode, none)] = None  # called so, the rewritten forward raises a clear error
+            continue
         nodes = activation_nodes(graph, module, acts, act_ids)
         if [site_key(n) for n in nodes] != reference:
-            raise TraceError("its forward calls different activations in training and in eval mode")
+            raise TraceError(
+                "its forward calls different activations in training and in eval mode, or when an optional "
+                "argument is None"
+            )
         for site, name in planned:
             node = nodes[site.index]
             arg = first_input(node)
@@ -250,34 +262,13 @@ def _rewrite(
                 for user in list(arg.users):
                     if user is not normed and order[user] > order[node]:
                         user.replace_input_with(arg, node)
-        graphs[mode] = graph
+        graphs[(mode, none)] = graph
     previous = module.__dict__.get("forward")
     inserted = tuple(getattr(previous, "inserted", ())) + tuple(name for _, name in planned)
     for site, name in planned:
         assert site.normact is not None
         module.add_module(name, site.normact)
-    install_graph_forward(module, graphs, inserted)
-
-
-def _count_calls_during(
-    model: nn.Module, example_input: Any, watched: list[NormAct | None]
-) -> dict[int, int]:
-    """Run the sizing forward pass on ``example_input``, counting the calls of the ``watched`` modules."""
-    counts: dict[int, int] = {}
-    handles = []
-
-    def count(module: nn.Module, _: Any) -> None:
-        counts[id(module)] = counts.get(id(module), 0) + 1
-
-    for module in watched:
-        if module is not None:
-            handles.append(module.register_forward_pre_hook(count))
-    try:
-        run_forward(model, example_input, "insert_bn", "example_input (with the new layers)")
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
+    install_graph_forward(module, graphs, inserted, optional)
 
 
 def _new_norm(norm: NormSpec, source: Source, eager: bool, model: nn.Module) -> tuple[nn.Module, bool | None]:
