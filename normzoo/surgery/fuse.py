@@ -41,6 +41,12 @@ def _passes(graphs: ModelGraph) -> Callable[[Value], bool]:
     return lambda value: value.node.op == "call_module" and isinstance(graphs.module_at(value), _PASS)
 
 
+def _plain_type(module: nn.Module) -> type[nn.Module]:
+    """The class of ``module`` before ``torch.nn.utils.parametrize`` subclassed it (``ParametrizedConv2d``)."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return any(getattr(module, key, None) for key in hook_dict_names())
 
@@ -81,7 +87,7 @@ def _producer(graphs: ModelGraph, call: Value) -> _Neighbour | None:
         if node.op != "call_module":
             return None
         module = graphs.module_at(value)
-        if type(module) in _FOLDABLE:
+        if _plain_type(module) in _FOLDABLE:
             return _Neighbour(module, graphs)
         if graphs.call_count(module) != 1:
             return None
@@ -96,7 +102,7 @@ def _consumer(graphs: ModelGraph, call: Value) -> _Neighbour | None:
         if node.op != "call_module" or len(node.args) + len(node.kwargs) != 1:
             return None
         module = graphs.module_at(step)
-        if type(module) in _FOLDABLE:
+        if _plain_type(module) in _FOLDABLE:
             return _Neighbour(module, graphs)
         if not passes(step) and graphs.call_count(module) != 1:
             return None

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..layers import BatchNormBase, NormSpec, get_norm_layer, is_batch_norm, norm_family
 from ._common import bn_act_parts, check_model, copy_model, hook_dict_names
@@ -107,6 +108,7 @@ def _convert(old: Any, norm: NormSpec, name: str) -> nn.Module:
     if isinstance(reference, Tensor):
         new.to(device=reference.device, dtype=reference.dtype)
     _carry_state(old, new)
+    _carry_parametrizations(old, new, name)
     new.train(old.training)
     for key in hook_dict_names():  # the user's hook handles keep working on the new layer
         setattr(new, key, getattr(old, key))
@@ -135,6 +137,24 @@ def _carry_state(old: nn.Module, new: Any) -> None:
         if not getattr(old, "affine", True) and getattr(new, "weight", None) is not None:
             new.weight.fill_(1.0)  # an affine layer replacing a non-affine one: start as the identity map
             new.bias.zero_()
+
+
+def _carry_parametrizations(old: nn.Module, new: nn.Module, name: str) -> None:
+    """Register the parametrizations of ``old`` (the same modules) on ``new``, with ``old``'s original tensors."""
+    if not parametrize.is_parametrized(old):
+        return
+    for tensor_name, parametrizations in old.get_submodule("parametrizations").named_children():
+        if not isinstance(getattr(new, tensor_name, None), Tensor):
+            raise ValueError(
+                f"replace_bn: expected {type(new).__name__} to have the parametrized {tensor_name!r} of {name} "
+                f"({type(old).__name__}), got none; remove the parametrization first"
+            )
+        for parametrization in parametrizations.children():
+            parametrize.register_parametrization(new, tensor_name, parametrization, unsafe=True)
+        carried = new.get_submodule(f"parametrizations.{tensor_name}")
+        carried.load_state_dict(parametrizations.state_dict())
+        for key, tensor in parametrizations.named_parameters(recurse=False):
+            carried.get_parameter(key).requires_grad_(tensor.requires_grad)
 
 
 def replace_bn(model: nn.Module, norm: NormSpec = "renorm", *, inplace: bool = False) -> nn.Module:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from ..layers import is_batch_norm
 from ._common import check_model, first_tensor
@@ -63,13 +64,15 @@ class BatchStatSums:
         return cls(scalar(), scalar(), vector, vector.clone(), scalar())
 
     def add_batch(self, input: Tensor) -> None:
-        """Add the statistics of one batch ``input`` of shape ``(N, C, *)``."""
+        """Add the statistics of one batch ``input`` of shape ``(N, C, *)``; an empty one adds nothing."""
+        n = float(input.numel() // input.shape[1]) if input.shape[1] else 0.0
+        if n == 0:  # N = 0 holds no values: its mean would be NaN
+            return
         dims = [0, *range(2, input.dim())]
         values = input.detach()
         if values.dtype in (torch.float16, torch.bfloat16):
             values = values.float()
         var, mean = torch.var_mean(values, dim=dims, correction=0)
-        n = float(input.numel() // input.shape[1])
         self.count += n
         self.dof += n - 1.0
         self.mean_sum += n * mean.double()
@@ -97,11 +100,20 @@ class BatchStatSums:
 
 
 def _tracked_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """The BatchNorm layers with running statistics; a lazy one that no batch has sized yet is left out."""
     return [
         (name, module)
         for name, module in model.named_modules()
-        if is_batch_norm(module) and getattr(module, "running_mean", None) is not None
+        if is_batch_norm(module)
+        and isinstance(getattr(module, "running_mean", None), Tensor)
+        and not is_lazy(module.running_mean)
     ]
+
+
+def _unsized(model: nn.Module) -> bool:
+    """Whether the model holds layers sized at their first forward: insert_bn's pending ones, torch's lazy ones."""
+    lazy = any(is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers()))
+    return lazy or any(isinstance(m, NormAct) and m.pending for m in model.modules())
 
 
 def _progress(batches: Iterable[Any], total: int | None) -> Iterable[Any]:
@@ -167,9 +179,8 @@ def collect_bn_stat_sums(
     modes = {module: module.training for module in model.modules()}
     batches: Iterator[Any] = itertools.islice(dataloader, num_batches)
     input_of = input_fn if input_fn is not None else batch_input(model, "recompute_bn_stats")
-    pending = [m for m in model.modules() if isinstance(m, NormAct) and m.pending]
     first: list[Any] = []
-    if pending:  # size the layers that insert_bn left pending, with the first batch, before hooking them
+    if _unsized(model):  # size pending and lazy layers with the first batch, before hooking them
         first = list(itertools.islice(batches, 1))
         if first:
             run_forward(

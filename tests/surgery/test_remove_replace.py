@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import normzoo as nz
 from normzoo.surgery import BatchRenormAct2d, NormAct
@@ -167,3 +169,70 @@ def test_replace_bn_reaches_insert_bn_layers() -> None:
     replaced = nz.replace_bn(inserted, "noisy")
     assert isinstance(replaced[1], NormAct)
     assert type(replaced[1].norm) is nz.NoisyBatchNorm1d
+
+
+def _surgeries() -> list[tuple[str, Callable[[nn.Module], object]]]:
+    return [
+        ("insert_bn", lambda m: nz.insert_bn(m, inplace=True)),
+        ("remove_bn", nz.remove_bn),
+        ("replace_bn", nz.replace_bn),
+        ("fuse_bn", nz.fuse_bn),
+        ("recompute_bn_stats", lambda m: nz.recompute_bn_stats(m, [torch.randn(4, 3)])),
+    ]
+
+
+def _plain() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch deprecates TorchScript, not what is tested
+@pytest.mark.parametrize(("fname", "surgery"), _surgeries())
+def test_scripted_traced_and_compiled_models_are_refused(
+    fname: str, surgery: Callable[[nn.Module], object]
+) -> None:
+    model = _plain().eval()
+    scripted = torch.jit.script(model)
+    traced = torch.jit.trace(model, torch.randn(2, 3))
+    compiled = torch.compile(model)
+    for wrapped, advice in (
+        (scripted, "before torch.jit.script"),
+        (traced, "before torch.jit.script or torch.jit.trace"),
+        (compiled, r"compiled\._orig_mod"),
+        (nn.Sequential(scripted), r"at '0'"),
+    ):
+        with pytest.raises(TypeError, match=rf"{fname}: expected a plain torch\.nn\.Module, got .*{advice}"):
+            surgery(wrapped)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("fname", "surgery"), _surgeries())
+def test_ddp_wrapped_models_are_refused(fname: str, surgery: Callable[[nn.Module], object]) -> None:
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_plain())
+        with pytest.raises(
+            TypeError, match=rf"{fname}: expected a plain .*DistributedDataParallel.*model\.module"
+        ):
+            surgery(ddp)
+    finally:
+        dist.destroy_process_group()
+
+
+class _Positive(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.abs() + 0.5
+
+
+@pytest.mark.parametrize("norm", ["renorm", "noisy", "batchnorm", "torch"])
+def test_replace_bn_carries_a_parametrized_weight(norm: str) -> None:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    parametrize.register_parametrization(model[1], "weight", _Positive())
+    with torch.no_grad():
+        model[1].parametrizations.weight.original.normal_()
+    replaced = nz.replace_bn(model, norm)
+    assert parametrize.is_parametrized(replaced[1], "weight")
+    assert replaced.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, 6, 6)
+    assert outputs_equal(replaced, model, x, train=False)

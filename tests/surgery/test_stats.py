@@ -224,3 +224,24 @@ def test_corpus_after_insert_bn(case_name: str) -> None:
     assert len(expected) == len(case.expected)
     nz.recompute_bn_stats(model, inputs)
     assert_matches(model, expected)
+
+
+def test_an_empty_batch_adds_nothing() -> None:
+    """A loader can yield N = 0 (a filtered batch): its NaN mean must not reach the statistics."""
+    model = net()
+    data = batches([6, 0, 5])
+    expected = hand_statistics(model, [x for x, _ in data if len(x)])
+    nz.recompute_bn_stats(model, data)
+    assert_matches(model, expected)
+    assert int(model[12].num_batches_tracked) == 2  # momentum=None: the batches pooled, the empty one not
+
+
+def test_lazy_layers_are_sized_by_the_first_batch() -> None:
+    lazy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    data = batches([4, 6])
+    nz.recompute_bn_stats(lazy, data)
+    assert isinstance(lazy[1], nn.BatchNorm2d)
+    assert lazy[1].running_mean.shape == (4,)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    plain[0].load_state_dict(lazy[0].state_dict())
+    assert_matches(lazy, {"1": hand_statistics(plain, [x for x, _ in data])["1"]})
