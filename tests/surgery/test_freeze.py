@@ -168,3 +168,51 @@ def test_lightning_base_finetuning_keeps_frozen_statistics() -> None:
     finetuning.BaseFinetuning.make_trainable(frozen[1])  # unfreezing the backbone later: the affine trains
     assert frozen[1].weight.requires_grad
     torch.testing.assert_close(frozen.train()(x), eval_output, rtol=0, atol=1e-6)
+
+
+def test_the_documented_lightning_recipe_keeps_statistics_through_fit() -> None:
+    """docs/surgery.md's FreezeBackbone callback in a real Trainer: the statistics never move."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class FreezeBackbone(BaseFinetuning):
+        def __init__(self, unfreeze_at_epoch: int = 1) -> None:
+            super().__init__()
+            self.unfreeze_at_epoch = unfreeze_at_epoch
+
+        def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+            nz.freeze_bn(pl_module.backbone, inplace=True)
+            self.freeze(pl_module.backbone)
+
+        def finetune_function(
+            self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer
+        ) -> None:
+            if epoch == self.unfreeze_at_epoch:
+                self.unfreeze_and_add_param_group(pl_module.backbone, optimizer)
+
+    class Classifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = model_with("torch")
+            self.head = nn.Linear(2, 3)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.head(self.backbone(x).mean((2, 3))), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.1)
+
+    module = Classifier()
+    statistics = module.backbone[1].running_mean.clone()
+    weight = module.backbone[1].weight.detach().clone()
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 6, 6), torch.randint(0, 3, (16,)))
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[FreezeBackbone()], accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    frozen = module.backbone[1]
+    assert isinstance(frozen, FrozenBatchNorm)
+    assert torch.equal(frozen.running_mean, statistics)
+    assert not torch.equal(frozen.weight.detach(), weight)  # unfrozen at epoch 1: the affine trained
