@@ -16,6 +16,7 @@ from ._modules import LazyNorm, NormAct
 
 __all__ = [
     "PRODUCER_TYPES",
+    "after_norm",
     "bn_act_parts",
     "check_model",
     "copy_model",
@@ -151,6 +152,14 @@ def bn_act_parts(module: nn.Module) -> tuple[nn.Module | None, nn.Module | None]
     drop = module._modules.get("drop")
     act = module._modules.get("act")
     return drop, act
+
+
+def after_norm(module: nn.Module, output: Tensor) -> Tensor:
+    """``act(drop(output))`` with the ``drop`` and ``act`` that a norm+activation module has (none: ``output``)."""
+    drop, act = bn_act_parts(module)
+    if drop is not None:
+        output = drop(output)
+    return act(output) if act is not None else output
 
 
 def without_act(module: nn.Module) -> nn.Module:

@@ -24,7 +24,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from ..layers import is_batch_norm
-from ._common import bn_act_parts, check_model, copy_model, hook_dict_names
+from ._common import after_norm, bn_act_parts, check_model, copy_model, hook_dict_names
 
 __all__ = ["FrozenBatchNorm", "freeze_bn", "unfreeze_bn"]
 
@@ -91,10 +91,7 @@ class FrozenBatchNorm(nn.Module):
         output = F.batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )
-        drop, act = self._modules.get("drop"), self._modules.get("act")
-        if drop is not None:
-            output = drop(output)
-        return act(output) if act is not None else output
+        return after_norm(self, output)
 
     def original_with_current_state(self) -> nn.Module:
         """The original layer with this layer's current tensors, flags and training mode."""

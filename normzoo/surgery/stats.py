@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from ..layers import is_batch_norm
-from ._common import check_model, first_tensor
+from ._common import after_norm, check_model, first_tensor
 from ._inputs import batch_input, call_args, move_to, run_forward
 from ._modules import NormAct
 from .sync import all_reduce_stat_sums
@@ -142,10 +142,7 @@ def _batch_stats_forward(module: Any, sums: BatchStatSums) -> Any:
                 0.0,
                 module.eps,
             )
-        drop, act = module._modules.get("drop"), module._modules.get("act")  # timm's BatchNormAct2d
-        if drop is not None:
-            output = drop(output)
-        return act(output) if act is not None else output
+        return after_norm(module, output)  # timm's BatchNormAct2d: its drop and act
 
     return forward
 
