@@ -265,7 +265,9 @@ def recompute_bn_stats(
     other buffers and every module's training flag are left as they were; ``num_batches_tracked`` is kept
     (it counts training steps; with ``momentum=None`` it becomes the number of batches pooled). Under
     ``torch.distributed`` with several processes, the sums are all-reduced before they are applied, so every
-    process gets the population statistics of the data seen by all of them.
+    process gets the population statistics of the data seen by all of them. An empty batch (N = 0) adds
+    nothing. Layers sized at their first forward (``insert_bn``'s pending ones, torch's ``LazyBatchNorm``) are
+    sized with the first batch before the pass.
 
     What the model receives from each batch is ``input_fn(batch)``, called as every surgery function calls a
     model with an input: a tuple or list is unpacked into positional arguments, a dict into keyword
