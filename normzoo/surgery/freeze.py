@@ -24,7 +24,8 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from ..layers import is_batch_norm
-from ._common import after_norm, bn_act_parts, check_model, copy_model, hook_dict_names
+from ._common import check_model, copy_model, hook_dict_names
+from ._kinds import after_norm, bn_act_parts
 
 __all__ = ["FrozenBatchNorm", "freeze_bn", "unfreeze_bn"]
 

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._common import check_model, copy_model, has_act, hook_dict_names, is_surgery_bn, set_submodule
+from ._common import check_model, copy_model, hook_dict_names, set_submodule
 from ._graph import ModelGraph, Value, first_input
+from ._kinds import has_act, is_surgery_bn
 from ._modules import NormAct
 from .freeze import FrozenBatchNorm
 from .remove import removal_replacement

@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import is_batch_norm
-from ._common import check_model, copy_model, is_surgery_bn, without_act
+from ._common import check_model, copy_model
 from ._forward import undo_rewrite
+from ._kinds import is_surgery_bn, without_act
 from ._modules import NormAct
 from .freeze import FrozenBatchNorm
 

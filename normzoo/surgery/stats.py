@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from ..layers import is_batch_norm
-from ._common import after_norm, check_model, first_tensor
+from ._common import check_model, first_tensor
 from ._inputs import batch_input, call_args, move_to, run_forward
+from ._kinds import after_norm
 from ._modules import NormAct
 from .sync import all_reduce_stat_sums
 
