@@ -26,6 +26,7 @@ from .epoch_timer import EpochTimer  # noqa: E402
 from .gradient_flow import GradientFlowMonitor  # noqa: E402
 from .jacobian import JacobianSpectrumMonitor  # noqa: E402
 from .loss_landscape import LossLandscapeMonitor  # noqa: E402
+from .precise_bn import PreciseBN  # noqa: E402
 from .weight_norm import WeightNormMonitor  # noqa: E402
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "GradientFlowMonitor",
     "JacobianSpectrumMonitor",
     "LossLandscapeMonitor",
+    "PreciseBN",
     "WeightNormMonitor",
     "all_monitors",
     "default_loss",
