@@ -100,7 +100,7 @@ class PreciseBN(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        callbacks = list(trainer.callbacks)
+        callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
         mine = next(i for i, c in enumerate(callbacks) if c is self)
         if self.at_train_end and any(isinstance(c, StochasticWeightAveraging) for c in callbacks[mine:]):
             raise ValueError(
