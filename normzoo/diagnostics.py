@@ -33,9 +33,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .surgery import DEFAULT_ACTIVATION_MODULES
+from ._activations import activation_kind
 
 __all__ = [
     "SV_HISTOGRAM_EDGES",
@@ -117,26 +117,6 @@ def gradient_change(g: Tensor, g_new: Tensor) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------
 # activations
 # --------------------------------------------------------------------------------------------------
-_DEAD_KINDS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-_SATURATING: dict[type[nn.Module], str] = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardtanh: "tanh"}
-
-
-def activation_kind(module: nn.Module) -> Literal["relu", "sigmoid", "tanh", "other"] | None:
-    """How :func:`activation_stats` treats a module's output: ``"relu"`` (dead units counted),
-    ``"sigmoid"``/``"tanh"`` (saturation counted), ``"other"`` activation, or ``None`` (no activation).
-
-    Example:
-        >>> activation_kind(nn.ReLU()), activation_kind(nn.Sigmoid()), activation_kind(nn.Linear(2, 2))
-        ('relu', 'sigmoid', None)
-    """
-    if isinstance(module, _DEAD_KINDS):
-        return "relu"
-    for cls, kind in _SATURATING.items():
-        if isinstance(module, cls):
-            return "sigmoid" if kind == "sigmoid" else "tanh"
-    return "other" if isinstance(module, DEFAULT_ACTIVATION_MODULES) else None
-
-
 def activation_stats(
     output: Tensor,
     kind: str | None = None,

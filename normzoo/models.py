@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ._activations import ACTIVATION_MODULES, ACTIVATIONS, get_activation, kaiming_nonlinearity
 from .layers import NormSpec, get_norm_layer
 
 __all__ = [
@@ -39,100 +40,13 @@ __all__ = [
     "kaiming_nonlinearity",
 ]
 
-#: Activation names accepted by :func:`get_activation`, with the class each one gives.
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "lrelu": nn.LeakyReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "prelu": nn.PReLU,
-    "relu6": nn.ReLU6,
-    "elu": nn.ELU,
-    "celu": nn.CELU,
-    "selu": nn.SELU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
-    "mish": nn.Mish,
-    "softplus": nn.Softplus,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "identity": nn.Identity,
-    "linear": nn.Identity,
-}
-
 #: Weight initializations accepted by :func:`init_weights`.
 INITS = ("kaiming", "xavier", "normal", "default")
 
-# The gain that Kaiming initialization uses for each activation (torch's ``calculate_gain`` names). Smooth
-# ReLU-like units get ReLU's gain (their slope is ~1 for positive and ~0 for negative inputs); SELU and the
-# identity get the linear gain, which torch documents as the right one for self-normalizing networks.
-_KAIMING_NONLINEARITY: dict[type[nn.Module], str] = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu",
-    nn.ELU: "relu",
-    nn.CELU: "relu",
-    nn.GELU: "relu",
-    nn.SiLU: "relu",
-    nn.Mish: "relu",
-    nn.Softplus: "relu",
-    nn.LeakyReLU: "leaky_relu",
-    nn.PReLU: "leaky_relu",
-    nn.Tanh: "tanh",
-    nn.Sigmoid: "sigmoid",
-    nn.SELU: "linear",
-    nn.Identity: "linear",
-}
-
-
-def get_activation(name: str | type[nn.Module]) -> type[nn.Module]:
-    """The activation class that ``name`` names (case-insensitive); a module class is returned as it is.
-
-    Example:
-        >>> get_activation("lrelu")
-        <class 'torch.nn.modules.activation.LeakyReLU'>
-        >>> get_activation("swishy")
-        Traceback (most recent call last):
-        ...
-        ValueError: unknown activation 'swishy'; expected one of 'celu', 'elu', 'gelu', 'identity', ...
-    """
-    if isinstance(name, type) and issubclass(name, nn.Module):
-        return name
-    if not isinstance(name, str):
-        raise TypeError(f"activation must be a name or an nn.Module class, got {type(name).__name__}")
-    key = name.lower().replace("-", "_")
-    if key not in ACTIVATIONS:
-        valid = ", ".join(repr(k) for k in sorted(ACTIVATIONS))
-        raise ValueError(f"unknown activation {name!r}; expected one of {valid}, or an nn.Module class")
-    return ACTIVATIONS[key]
-
-
-def kaiming_nonlinearity(activation: str | type[nn.Module] | nn.Module | None) -> tuple[str, float]:
-    """The ``(nonlinearity, negative_slope)`` that Kaiming initialization should use before ``activation``.
-
-    ``None`` or an unknown activation gives ReLU's, the usual default.
-
-    Example:
-        >>> kaiming_nonlinearity("tanh"), kaiming_nonlinearity(nn.LeakyReLU(0.2))
-        (('tanh', 0.0), ('leaky_relu', 0.2))
-    """
-    if activation is None:
-        return "relu", 0.0
-    module = activation if isinstance(activation, nn.Module) else None
-    cls = type(activation) if isinstance(activation, nn.Module) else get_activation(activation)
-    name = _KAIMING_NONLINEARITY.get(cls, "relu")
-    if name != "leaky_relu":
-        return name, 0.0
-    if isinstance(module, nn.LeakyReLU):
-        return name, float(module.negative_slope)
-    if isinstance(module, nn.PReLU):
-        return name, float(module.weight.detach().mean())
-    return name, 0.25 if cls is nn.PReLU else 0.01
-
 
 def _find_activation(model: nn.Module) -> nn.Module | None:
-    activation_classes = tuple(set(ACTIVATIONS.values()) - {nn.Identity})
     for module in model.modules():
-        if isinstance(module, activation_classes):
+        if isinstance(module, ACTIVATION_MODULES):
             return module
     return None
 

@@ -157,7 +157,7 @@ def test_get_activation() -> None:
     assert get_activation("ReLU") is nn.ReLU
     assert get_activation("leaky-relu") is nn.LeakyReLU
     assert get_activation(nn.Hardswish) is nn.Hardswish
-    with pytest.raises(ValueError, match=r"unknown activation 'bogus'.*'relu'.*'sigmoid'"):
+    with pytest.raises(ValueError, match=r"get_activation: expected one of .*'relu'.*'sigmoid'.*got 'bogus'"):
         get_activation("bogus")
     with pytest.raises(TypeError):
         get_activation(3)  # type: ignore[arg-type]

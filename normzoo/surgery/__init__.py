@@ -12,15 +12,14 @@ Each takes any ``nn.Module`` and returns the model (a deep copy unless ``inplace
 ``recompute_bn_stats`` works in place). See ``docs/surgery.md`` for the rules.
 """
 
-from ._graph import GraphForward
+from .._activations import ACTIVATION_FUNCTIONS as DEFAULT_ACTIVATION_FUNCTIONS
+from .._activations import ACTIVATION_METHODS as DEFAULT_ACTIVATION_METHODS
+from .._activations import ACTIVATION_MODULES as DEFAULT_ACTIVATION_MODULES
+from ._forward import GraphForward
 from ._modules import BatchNormAct2d, BatchRenormAct2d, LazyNorm, NoisyBatchNormAct2d, NormAct
+from .freeze import FrozenBatchNorm, freeze_bn, unfreeze_bn
 from .fuse import fuse_bn
-from .insert import (
-    DEFAULT_ACTIVATION_FUNCTIONS,
-    DEFAULT_ACTIVATION_METHODS,
-    DEFAULT_ACTIVATION_MODULES,
-    insert_bn,
-)
+from .insert import insert_bn
 from .remove import remove_bn
 from .replace import replace_bn
 from .stats import BatchStatSums, apply_bn_stat_sums, collect_bn_stat_sums, recompute_bn_stats
@@ -41,6 +40,7 @@ __all__ = [
     "BatchNormAct2d",
     "BatchRenormAct2d",
     "BatchStatSums",
+    "FrozenBatchNorm",
     "GraphForward",
     "LazyNorm",
     "NoisyBatchNormAct2d",
@@ -52,6 +52,7 @@ __all__ = [
     "apply_bn_stat_sums",
     "collect_bn_stat_sums",
     "convert_sync",
+    "freeze_bn",
     "fuse_bn",
     "insert_bn",
     "is_synced",
@@ -59,4 +60,5 @@ __all__ = [
     "remove_bn",
     "replace_bn",
     "revert_sync",
+    "unfreeze_bn",
 ]

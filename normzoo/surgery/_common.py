@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from ._modules import LazyNorm, NormAct
 
 __all__ = [
     "PRODUCER_TYPES",
+    "after_norm",
     "bn_act_parts",
     "check_model",
     "copy_model",
@@ -60,10 +62,55 @@ def hook_dict_names() -> tuple[str, ...]:
     return tuple(name for name in _HOOK_DICTS if hasattr(probe, name))
 
 
+def _imported_class(module_name: str, name: str) -> type | None:
+    """A class of a module that is already imported, or ``None``: an instance of it exists only if it is.
+
+    Looked up rather than imported because importing ``torch._dynamo`` or FSDP costs seconds.
+    """
+    cls = getattr(sys.modules.get(module_name), name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _wrapper_advice(module: nn.Module) -> str | None:
+    """What to pass instead of ``module`` when surgery cannot change it correctly, else ``None``."""
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return (
+            "surgery on the wrapper would change one replica or none; pass the wrapped model (model.module) "
+            "and wrap the result again"
+        )
+    if isinstance(module, torch.jit.ScriptModule):
+        return (
+            "TorchScript code does not see Python changes; apply surgery to the eager module before "
+            "torch.jit.script or torch.jit.trace"
+        )
+    optimized = _imported_class("torch._dynamo.eval_frame", "OptimizedModule")
+    if optimized is not None and isinstance(module, optimized):
+        return (
+            "the compiled code does not see the changes; pass the original module (compiled._orig_mod) and "
+            "torch.compile the result again"
+        )
+    for name in ("FullyShardedDataParallel", "FSDPModule"):
+        fsdp = _imported_class("torch.distributed.fsdp", name)
+        if fsdp is not None and isinstance(module, fsdp):
+            return "its parameters are sharded; apply surgery to the model before FSDP wraps it"
+    return None
+
+
 def check_model(model: Any, fname: str) -> None:
-    """Raise ``TypeError`` unless ``model`` is an ``nn.Module``."""
+    """Raise ``TypeError`` unless ``model`` is a plain ``nn.Module`` that surgery can change correctly.
+
+    Refused, anywhere in the model, with what to pass instead: DDP and DataParallel wrappers, FSDP (1 and 2),
+    TorchScript modules (scripted or traced) and ``torch.compile``'s ``OptimizedModule``.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fname}: expected a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        advice = _wrapper_advice(module)
+        if advice is not None:
+            where = f" at {name!r}" if name else ""
+            raise TypeError(
+                f"{fname}: expected a plain torch.nn.Module, got {type(module).__name__}{where}: {advice}"
+            )
 
 
 def copy_model(model: M, inplace: bool, fname: str) -> M:
@@ -74,7 +121,7 @@ def copy_model(model: M, inplace: bool, fname: str) -> M:
         return copy.deepcopy(model)
     except Exception as error:  # a model holding something that cannot be copied (a lock, a file, ...)
         raise RuntimeError(
-            f"{fname}: could not deep-copy the model ({type(error).__name__}: {error}); "
+            f"{fname}: expected a model that copy.deepcopy can copy, got {type(error).__name__}: {error}; "
             "pass inplace=True to modify it in place"
         ) from error
 
@@ -105,6 +152,14 @@ def bn_act_parts(module: nn.Module) -> tuple[nn.Module | None, nn.Module | None]
     drop = module._modules.get("drop")
     act = module._modules.get("act")
     return drop, act
+
+
+def after_norm(module: nn.Module, output: Tensor) -> Tensor:
+    """``act(drop(output))`` with the ``drop`` and ``act`` that a norm+activation module has (none: ``output``)."""
+    drop, act = bn_act_parts(module)
+    if drop is not None:
+        output = drop(output)
+    return act(output) if act is not None else output
 
 
 def without_act(module: nn.Module) -> nn.Module:

@@ -1,34 +1,39 @@
-"""torch.fx helpers: one graph per module, values followed across module boundaries, rewritten forwards.
+"""The dataflow of a model as torch.fx graphs, one per module, and the walks along it that surgery passes share.
 
-Every module that is not atomic (see :class:`ModelGraph`) is traced on its own, with *all* its submodules as
+Every module that is not a leaf (see :class:`ModelGraph`) is traced on its own, with *all* its submodules as
 leaves, so a graph holds exactly the code of one ``forward``: a module whose forward has data-dependent control
 flow costs only its own graph, and the rest of the model is still seen. :class:`ModelGraph` links the graphs:
 a placeholder leads to the argument at the module's (single) call site in its parent, and a call of a traced
 child leads to the child's output.
 
-A module whose forward must change (to call a new norm layer before ``F.relu(x)``) gets its forward
-regenerated from its graph by :class:`GraphForward`. The module keeps its class, attributes, submodules and
-hooks; only its ``forward`` attribute is replaced. Tracing freezes Python-level decisions, including
-``self.training``; the forward is therefore traced twice, in training and in eval mode, and the generated
-forward dispatches on ``self.training``.
+A pass says what it looks for and what it sees through; the walking is here. :meth:`ModelGraph.walk_back`
+follows a tensor to where it came from and :meth:`ModelGraph.walk_forward` to its sole consumer, both across
+module boundaries and through the nodes that the pass calls transparent (an identity, dropout, ...), as
+torch's ``fx`` fuser rests on its shared ``matches_module_pattern``. Rewriting a forward from an edited graph
+is :mod:`normzoo.surgery._forward`'s job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import itertools
-import linecache
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["GraphForward", "ModelGraph", "TraceError", "Value", "install_graph_forward", "trace_module"]
+from ._forward import GraphForward
+
+__all__ = [
+    "ModelGraph",
+    "TraceError",
+    "Value",
+    "first_input",
+    "is_torch_layer",
+    "optional_arguments",
+    "trace_module",
+]
 
 
 class TraceError(Exception):
@@ -42,6 +47,35 @@ class _LeafTracer(fx.Tracer):
         return True
 
 
+def is_torch_layer(module: nn.Module) -> bool:
+    """torch's own layers and containers, which no pass traces into (``nn.Sequential`` aside: it is code).
+
+    Example:
+        >>> is_torch_layer(nn.Conv2d(1, 1, 1)), is_torch_layer(nn.Sequential()), is_torch_layer(nn.ModuleList())
+        (True, False, True)
+    """
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
+        return True
+    cls = type(module)
+    return (
+        cls.__module__.startswith("torch.")
+        and cls is not nn.Sequential
+        and not isinstance(module, fx.GraphModule)
+    )
+
+
+def first_input(node: fx.Node) -> fx.Node | None:
+    """The tensor a call works on: its first positional argument that is a node, else ``input``/``self``.
+
+    ``x + 1`` and ``1 + x`` both give ``x``; so do ``F.relu(x, inplace=True)`` and ``x.relu()``.
+    """
+    for arg in node.args:
+        if isinstance(arg, fx.Node):
+            return arg
+    arg = node.kwargs.get("input", node.kwargs.get("self"))
+    return arg if isinstance(arg, fx.Node) else None
+
+
 def _sequential_graph(module: nn.Sequential) -> fx.Graph:
     """The graph of a plain ``nn.Sequential``, built directly from its children (no tracing)."""
     graph = fx.Graph()
@@ -52,13 +86,29 @@ def _sequential_graph(module: nn.Sequential) -> fx.Graph:
     return graph
 
 
-def trace_module(module: nn.Module, training: bool | None = None) -> fx.Graph:
+def optional_arguments(module: nn.Module) -> tuple[str, ...]:
+    """The arguments of ``module``'s forward that default to ``None`` (it may branch on ``x is None``)."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, GraphForward):
+        return forward.optional
+    try:
+        parameters = inspect.signature(type(module).forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(
+        p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is None
+    )
+
+
+def trace_module(module: nn.Module, training: bool | None = None, none: tuple[bool, ...] = ()) -> fx.Graph:
     """The graph of ``module``'s own forward with its submodules as leaves.
 
     Args:
         module: the module to trace.
         training: trace as if ``module.training`` were this (only the module's own flag is changed, and
             restored); ``None`` traces in the current mode.
+        none: which of :func:`optional_arguments` to specialize to ``None`` (the graph then asserts they are);
+            the others are traced as tensors. Empty: none of them.
 
     Raises:
         TraceError: when torch.fx cannot trace it, with the reason.
@@ -66,10 +116,13 @@ def trace_module(module: nn.Module, training: bool | None = None) -> fx.Graph:
     mode = module.training if training is None else training
     instance_forward = module.__dict__.get("forward")
     if isinstance(instance_forward, GraphForward):
-        graph = instance_forward.graphs.get(mode) if instance_forward.graphs else None
+        variant = (mode, none or (False,) * len(instance_forward.optional))
+        graph = instance_forward.graphs.get(variant) if instance_forward.graphs else None
         if graph is None:
             raise TraceError(
                 "its forward was rewritten by normzoo and then unpickled, which drops the graphs"
+                if not instance_forward.graphs
+                else "its rewritten forward has no graph for these arguments"
             )
         return copy.deepcopy(graph)
     if instance_forward is not None:
@@ -79,8 +132,11 @@ def trace_module(module: nn.Module, training: bool | None = None) -> fx.Graph:
     before = set(module.__dict__)
     old_mode = module.training
     module.training = mode
+    concrete = {
+        name: None for name, is_none in zip(optional_arguments(module), none, strict=False) if is_none
+    }
     try:
-        graph = _LeafTracer().trace(module)
+        graph = _LeafTracer().trace(module, concrete_args=concrete or None)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TraceError(f"{type(error).__name__}: {reason}") from error
@@ -109,8 +165,8 @@ class ModelGraph:
 
     Args:
         model: the root module.
-        is_atomic: modules that are not traced (activations, norms, torch's built-in layers, ...); their
-            calls are leaves in their parents' graphs.
+        is_leaf: modules that the pass does not look into, besides torch's own layers (see
+            :func:`is_torch_layer`), which are always leaves; their calls are leaves in their parents' graphs.
 
     Attributes:
         graphs: owner name -> graph of that module's forward.
@@ -119,7 +175,7 @@ class ModelGraph:
         names: ``id(module)`` -> every name it is registered under.
     """
 
-    def __init__(self, model: nn.Module, is_atomic: Callable[[nn.Module], bool]) -> None:
+    def __init__(self, model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> None:
         self.model = model
         self.graphs: dict[str, fx.Graph] = {}
         self.owners: dict[str, nn.Module] = {}
@@ -130,7 +186,7 @@ class ModelGraph:
         for name, module in model.named_modules(remove_duplicate=False):
             self.names.setdefault(id(module), []).append(name)
         for name, module in model.named_modules():
-            if is_atomic(module):
+            if is_torch_layer(module) or is_leaf(module):
                 continue
             try:
                 graph = trace_module(module)
@@ -139,11 +195,34 @@ class ModelGraph:
                 continue
             self.graphs[name] = graph
             self.owners[name] = module
+        for name in self._inlined():
+            del self.graphs[name], self.owners[name]
+        for name, graph in self.graphs.items():
+            module = self.owners[name]
             self._graph_name[id(module)] = name
             for node in graph.nodes:
                 if node.op == "call_module":
                     target = module.get_submodule(str(node.target))
                     self.calls.setdefault(id(target), []).append((name, node))
+
+    def _inlined(self) -> set[str]:
+        """Traced modules whose ``forward`` a caller runs as ``child.forward(x)``, which skips ``__call__``.
+
+        The caller's graph then calls the child's own children (``down.0.relu`` from the root), and the
+        child's graph describes code that never runs from there: it is dropped, so its children count as
+        called once, from the caller, and get wrapped rather than rewritten into a forward nobody calls.
+        """
+        inlined: set[str] = set()
+        for owner, graph in self.graphs.items():
+            for node in graph.nodes:
+                if node.op != "call_module":
+                    continue
+                parts = str(node.target).split(".")
+                for end in range(1, len(parts)):
+                    through = ".".join(filter(None, (owner, *parts[:end])))
+                    if through in self.graphs:
+                        inlined.add(through)
+        return inlined
 
     # -- lookups ---------------------------------------------------------------------------------------------
 
@@ -210,125 +289,62 @@ class ModelGraph:
         matches = [p for p in placeholders if p.target == keywords[0]]
         return Value(name, matches[0]) if matches else None
 
-    def users(self, value: Value) -> list[Value] | None:
-        """The nodes that consume ``value``, following a returned value to the caller; ``None`` if unknown."""
-        result: list[Value] = []
-        for user in value.node.users:
-            if user.op != "output":
-                result.append(Value(value.owner, user))
+    # -- walks --------------------------------------------------------------------------------------------
+
+    def walk_back(self, start: Value, transparent: Callable[[Value], bool]) -> Iterator[Value]:
+        """The values that the tensor at ``start`` passed through, from ``start`` back towards its origin.
+
+        Yields ``start``, then steps back: from a placeholder to the argument at the module's single call
+        site, from a node for which ``transparent`` holds to the tensor it works on (:func:`first_input`),
+        from a call of a traced module to the value its graph returns. The walk ends after the first value
+        that allows none of these; a pass that finds what it looks for leaves the loop.
+        """
+        value: Value | None = start
+        seen: set[Value] = set()
+        while value is not None and value not in seen:
+            seen.add(value)
+            yield value
+            node = value.node
+            if node.op == "placeholder":
+                value = self.caller_value(value)
+            elif transparent(value):
+                arg = first_input(node)
+                value = Value(value.owner, arg) if arg is not None else None
+            elif node.op == "call_module":
+                value = self.inner_output(value)
+            else:
+                value = None
+
+    def walk_forward(self, start: Value, transparent: Callable[[Value], bool]) -> Iterator[Value]:
+        """The nodes that alone consume the tensor at ``start``, one after the other.
+
+        Yields the sole user of the tensor (a returned tensor continues at the module's single call site),
+        then, if that user is ``transparent``, the sole user of its result; a call of a traced module
+        continues at the matching placeholder of its graph. The walk ends where a tensor has several users or
+        reaches anything else.
+        """
+        value = start
+        seen: set[Value] = set()
+        while value not in seen:
+            seen.add(value)
+            users = list(value.node.users)
+            if len(users) != 1:
+                return
+            user = users[0]
+            if user.op == "output":
+                sites = self.calls.get(id(self.owners[value.owner]), [])
+                if user.args[0] is not value.node or len(sites) != 1:
+                    return
+                value = Value(*sites[0])
                 continue
-            sites = self.calls.get(id(self.owners[value.owner]), [])
-            if len(sites) != 1 or user.args[0] is not value.node:
-                return None
-            outer = self.users(Value(*sites[0]))
-            if outer is None:
-                return None
-            result.extend(outer)
-        return result
-
-
-# -- rewritten forwards ------------------------------------------------------------------------------------------
-
-_counter = itertools.count()
-
-
-@dataclass(frozen=True)
-class _ModuleRef:
-    """A Python module in the globals of generated code, pickled by name."""
-
-    name: str
-
-
-def _compile(src: str, globals_: dict[str, Any], label: str) -> Callable[..., Any]:
-    filename = f"<normzoo rewritten {label} #{next(_counter)}>"
-    linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
-    namespace = dict(globals_)
-    exec(compile(src, filename, "exec"), namespace)
-    function: Callable[..., Any] = namespace["forward"]
-    return function
-
-
-class GraphForward:
-    """The ``forward`` of a module, regenerated from its torch.fx graphs (one per training mode).
-
-    It is stored as the module's instance attribute ``forward``, so the module keeps its class, its other
-    methods and its hooks. It deep-copies and pickles with the module (a pickled copy keeps the code, not the
-    graphs). ``inserted`` names the submodules that normzoo added and that the code calls.
-    """
-
-    def __init__(
-        self,
-        module: nn.Module,
-        graphs: dict[bool, fx.Graph] | None,
-        inserted: tuple[str, ...],
-        sources: dict[bool, tuple[str, dict[str, Any]]] | None = None,
-    ) -> None:
-        self.module = module
-        self.graphs = graphs
-        self.inserted = inserted
-        if sources is None:
-            assert graphs is not None
-            sources = {}
-            for mode, graph in graphs.items():
-                code = graph.python_code(root_module="self")
-                sources[mode] = (code.src, dict(code.globals))
-        self._sources = sources
-        label = f"{type(module).__qualname__}.forward"
-        self._functions = {mode: _compile(src, glb, label) for mode, (src, glb) in sources.items()}
-        with contextlib.suppress(TypeError, ValueError):  # a forward without a signature keeps none
-            self.__signature__ = inspect.signature(types.MethodType(type(module).forward, module))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._functions[bool(self.module.training)](self.module, *args, **kwargs)
-
-    def code(self, training: bool) -> str:
-        """The generated source of the forward used in training (``True``) or eval (``False``) mode."""
-        return self._sources[training][0]
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
-        new = GraphForward.__new__(GraphForward)
-        memo[id(self)] = new
-        new.__dict__.update(self.__dict__)
-        new.module = copy.deepcopy(self.module, memo)
-        return new
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        sources = {
-            mode: (
-                src,
-                {k: _ModuleRef(v.__name__) if isinstance(v, types.ModuleType) else v for k, v in glb.items()},
-            )
-            for mode, (src, glb) in self._sources.items()
-        }
-        return (_restore_graph_forward, (self.module, sources, self.inserted))
-
-    def __repr__(self) -> str:
-        return f"<forward of {type(self.module).__name__} rewritten by normzoo (calls {', '.join(self.inserted)})>"
-
-
-def _restore_graph_forward(
-    module: nn.Module, sources: dict[bool, tuple[str, dict[str, Any]]], inserted: tuple[str, ...]
-) -> GraphForward:
-    import importlib
-
-    restored = {
-        mode: (
-            src,
-            {k: importlib.import_module(v.name) if isinstance(v, _ModuleRef) else v for k, v in glb.items()},
-        )
-        for mode, (src, glb) in sources.items()
-    }
-    return GraphForward(module, None, inserted, restored)
-
-
-def install_graph_forward(module: nn.Module, graphs: dict[bool, fx.Graph], inserted: tuple[str, ...]) -> None:
-    """Give ``module`` the forward generated from ``graphs`` (``{True: training graph, False: eval graph}``)."""
-    for graph in graphs.values():
-        graph.lint()
-    module.forward = GraphForward(module, graphs, inserted)
-
-
-def restore_forward(module: nn.Module) -> None:
-    """Drop a rewritten forward: the class's own ``forward`` applies again."""
-    if isinstance(module.__dict__.get("forward"), GraphForward):
-        del module.__dict__["forward"]
+            step = Value(value.owner, user)
+            yield step
+            if transparent(step):
+                value = step
+            elif user.op == "call_module":
+                inner = self.inner_input(step, value.node)
+                if inner is None:
+                    return
+                value = inner
+            else:
+                return

@@ -127,7 +127,8 @@ class LazyNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         raise RuntimeError(
-            "LazyNorm is a placeholder that its NormAct replaces at the first forward; do not call it"
+            "LazyNorm: expected to be replaced by its NormAct at the first forward, got called directly; "
+            "call the NormAct that holds it"
         )
 
     def _decide(self, x: Tensor) -> tuple[bool, int, int] | None:
@@ -177,8 +178,9 @@ class LazyNorm(nn.Module):
                     placeholder.copy_(real)
                 elif placeholder.shape != real.shape:
                     raise ValueError(
-                        f"insert_bn: a loaded {name!r} of shape {tuple(placeholder.shape)} does not fit the "
-                        f"{type(module).__name__}({features}) that the input of shape {tuple(x.shape)} needs"
+                        f"insert_bn: expected a loaded {name!r} of shape {tuple(real.shape)} for the "
+                        f"{type(module).__name__}({features}) that the input of shape {tuple(x.shape)} needs, "
+                        f"got shape {tuple(placeholder.shape)}"
                     )
                 module.register_parameter(name, placeholder)
             for name, buf in self._buffers.items():

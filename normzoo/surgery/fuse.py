@@ -12,16 +12,17 @@ zero-padded convolution stays. Adjacency is read from the per-module torch.fx gr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._common import check_model, copy_model, has_act, hook_dict_names, is_surgery_bn, set_submodule
-from ._graph import ModelGraph, Value
+from ._graph import ModelGraph, Value, first_input
 from ._modules import NormAct
+from .freeze import FrozenBatchNorm
 from .remove import removal_replacement
 
 __all__ = ["fuse_bn"]
@@ -32,26 +33,28 @@ _FOLDABLE = (nn.Linear, *_CONV, *_CONV_T)
 _PASS = (nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout)  # identities in eval mode
 
 
-def _is_atomic(module: nn.Module) -> bool:
-    if is_surgery_bn(module) or isinstance(module, (*_FOLDABLE, *_PASS)):
-        return True
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
-        return True
+def _is_leaf(module: nn.Module) -> bool:
+    return _is_bn(module) or isinstance(module, (*_FOLDABLE, *_PASS))
+
+
+def _is_bn(module: nn.Module) -> bool:
+    """What folds: BatchNorm of every kind (eval form), insert_bn's layers and frozen BatchNorm."""
+    return is_surgery_bn(module) or isinstance(module, FrozenBatchNorm)
+
+
+def _passes(graphs: ModelGraph) -> Callable[[Value], bool]:
+    """What a fold sees through: identities and dropout, which are identities in eval mode."""
+    return lambda value: value.node.op == "call_module" and isinstance(graphs.module_at(value), _PASS)
+
+
+def _plain_type(module: nn.Module) -> type[nn.Module]:
+    """The class of ``module`` before ``torch.nn.utils.parametrize`` subclassed it (``ParametrizedConv2d``)."""
     cls = type(module)
-    return (
-        cls.__module__.startswith("torch.")
-        and cls is not nn.Sequential
-        and not isinstance(module, fx.GraphModule)
-    )
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
 def _has_hooks(module: nn.Module) -> bool:
     return any(getattr(module, key, None) for key in hook_dict_names())
-
-
-def _first_arg(node: fx.Node) -> fx.Node | None:
-    arg = node.args[0] if node.args else node.kwargs.get("input")
-    return arg if isinstance(arg, fx.Node) else None
 
 
 def _refusal(graphs: ModelGraph, layer: nn.Module) -> str | None:
@@ -77,81 +80,56 @@ class _Neighbour:
 
 def _producer(graphs: ModelGraph, call: Value) -> _Neighbour | None:
     """The Linear/convolution whose output reaches the BN at ``call`` and nothing else, through identities."""
-    arg = _first_arg(call.node)
+    arg = first_input(call.node)
     if arg is None:
         return None
-    value = Value(call.owner, arg)
-    for _ in range(100_000):
+    passes = _passes(graphs)
+    for value in graphs.walk_back(Value(call.owner, arg), passes):
         node = value.node
         if len(node.users) != 1:
             return None
-        if node.op == "placeholder":
-            outer = graphs.caller_value(value)
-            if outer is None:
-                return None
-            value = outer
+        if node.op == "placeholder" or passes(value):
             continue
         if node.op != "call_module":
             return None
         module = graphs.module_at(value)
-        if isinstance(module, _PASS):
-            inner = _first_arg(node)
-            if inner is None:
-                return None
-            value = Value(value.owner, inner)
-            continue
-        if type(module) in _FOLDABLE:
+        if _plain_type(module) in _FOLDABLE:
             return _Neighbour(module, graphs)
-        inner_output = graphs.inner_output(value)
-        if inner_output is None or graphs.call_count(module) != 1:
+        if graphs.call_count(module) != 1:
             return None
-        value = inner_output
-    return None  # pragma: no cover
+    return None
 
 
 def _consumer(graphs: ModelGraph, call: Value) -> _Neighbour | None:
     """The Linear/convolution that alone receives the BN output at ``call``, through identities."""
-    value = call
-    for _ in range(100_000):
-        users = list(value.node.users)
-        if len(users) != 1:
+    passes = _passes(graphs)
+    for step in graphs.walk_forward(call, passes):
+        node = step.node
+        if node.op != "call_module" or len(node.args) + len(node.kwargs) != 1:
             return None
-        user = users[0]
-        if user.op == "output":
-            sites = graphs.calls.get(id(graphs.owners[value.owner]), [])
-            if user.args[0] is not value.node or len(sites) != 1:
-                return None
-            value = Value(*sites[0])
-            continue
-        if (
-            user.op != "call_module"
-            or _first_arg(user) is not value.node
-            or len(user.args) + len(user.kwargs) != 1
-        ):
-            return None
-        step = Value(value.owner, user)
         module = graphs.module_at(step)
-        if isinstance(module, _PASS):
-            value = step
-            continue
-        if type(module) in _FOLDABLE:
+        if _plain_type(module) in _FOLDABLE:
             return _Neighbour(module, graphs)
-        inner = graphs.inner_input(step, value.node)
-        if inner is None or graphs.call_count(module) != 1:
+        if not passes(step) and graphs.call_count(module) != 1:
             return None
-        value = inner
-    return None  # pragma: no cover
+    return None
 
 
 def _norm_of(module: nn.Module) -> Any:
     return module.norm if isinstance(module, NormAct) else module
 
 
+def _kind_of(module: nn.Module) -> nn.Module:
+    """The layer whose class says the BN's dimension (a frozen layer's is that of the layer it froze)."""
+    norm = _norm_of(module)
+    return norm.original if isinstance(norm, FrozenBatchNorm) else norm
+
+
 def _features_last(module: nn.Module) -> bool | None:
     """Whether the BN normalizes the last dimension (a Linear's features): True, False, or None if both fit."""
     if isinstance(module, NormAct):
         return bool(module.channels_last)
-    norm = _norm_of(module)
+    norm = _kind_of(module)
     one_d = isinstance(norm, nn.BatchNorm1d) or 2 in getattr(type(norm), "_input_dims", ())
     return None if one_d else False
 
@@ -319,16 +297,16 @@ def fuse_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, NormAct) and module.pending:
             raise ValueError(
-                f"fuse_bn: the norm layer of {name!r} is still pending (insert_bn without example_input sizes it "
-                "at the first forward); run one forward pass first"
+                f"fuse_bn: expected every norm layer of insert_bn to be sized, got {name!r} still pending "
+                "(insert_bn without example_input sizes it at the first forward); run one forward pass first"
             )
-    graphs = ModelGraph(model, _is_atomic)
+    graphs = ModelGraph(model, _is_leaf)
     after: list[tuple[nn.Module, nn.Module]] = []
     before: list[tuple[nn.Module, nn.Module]] = []
     skipped: list[str] = []
     seen: set[int] = set()
     for name, bn in model.named_modules():
-        if not is_surgery_bn(bn) or id(bn) in seen:
+        if not _is_bn(bn) or id(bn) in seen:
             continue
         seen.add(id(bn))
         norm = _norm_of(bn)

@@ -21,19 +21,13 @@ How a model is read (see ``docs/surgery.md`` for the full rules):
 
 from __future__ import annotations
 
-import inspect
-import operator
-import re
-import sys
+import itertools
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ..layers import NormSpec, get_norm_layer, is_batch_norm
 from ._common import (
@@ -42,463 +36,26 @@ from ._common import (
     first_tensor,
     floating_dtype,
     is_norm_module,
-    is_norm_output,
     producer_layout,
     set_submodule,
 )
-from ._graph import ModelGraph, TraceError, Value, install_graph_forward, trace_module
+from ._forward import Variant, install_graph_forward
+from ._graph import ModelGraph, TraceError, first_input, optional_arguments, trace_module
+from ._inputs import run_forward
 from ._modules import LazyNorm, NormAct
+from ._sites import ActivationSpec, Site, Source, activation_nodes, find_sites, site_key
 
-__all__ = [
-    "DEFAULT_ACTIVATION_FUNCTIONS",
-    "DEFAULT_ACTIVATION_METHODS",
-    "DEFAULT_ACTIVATION_MODULES",
-    "insert_bn",
-]
+__all__ = ["insert_bn"]
 
-#: Activation modules found by default (timm's own activation classes are added when timm is imported).
-DEFAULT_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.LogSigmoid,
-    nn.Tanhshrink,
-    nn.Threshold,
-)
+#: A forward with more arguments that default to None is not rewritten (each doubles the graphs traced).
+_MAX_OPTIONAL = 4
 
 
-def _existing(namespace: Any, names: Iterable[str]) -> tuple[Callable[..., Any], ...]:
-    return tuple(getattr(namespace, name) for name in names if callable(getattr(namespace, name, None)))
-
-
-_UNARY = ("relu", "relu6", "leaky_relu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish", "sigmoid",
-          "tanh", "softplus", "softsign", "hardswish", "hardsigmoid", "hardtanh", "logsigmoid", "tanhshrink",
-          "threshold", "prelu")  # fmt: skip
-_TORCH_ACTIVATIONS = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "selu", "selu_", "celu", "celu_",
-                      "rrelu", "rrelu_", "prelu", "hardtanh", "hardtanh_")  # fmt: skip
-
-#: Activation functions found by default in a forward (``F.relu``, ``torch.relu``, their in-place forms, ...).
-DEFAULT_ACTIVATION_FUNCTIONS: tuple[Callable[..., Any], ...] = tuple(
-    dict.fromkeys(
-        _existing(F, [*_UNARY, *(f"{name}_" for name in _UNARY)]) + _existing(torch, _TORCH_ACTIVATIONS)
-    )
-)
-
-#: Tensor methods found by default in a forward (``x.relu()``, ``x.sigmoid_()``, ...).
-DEFAULT_ACTIVATION_METHODS: tuple[str, ...] = tuple(
-    name for name in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_") if hasattr(Tensor, name)
-)
-
-_TIMM_ACTIVATIONS = {
-    "timm.layers.activations": ("Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish",
-                                "GELU", "GELUTanh", "QuickGELU", "PReLU"),
-    "timm.layers.activations_me": ("SwishMe", "MishMe", "HardSwishMe", "HardSigmoidMe", "HardMishMe"),
-}  # fmt: skip
-
-_TRANSPARENT_FUNCTIONS = {
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-}  # fmt: skip
-_EXACT_METHODS = {"contiguous", "clone"}
-_ADD = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
-_NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm} | (
-    {F.rms_norm} if hasattr(F, "rms_norm") else set()
-)
-_TRANSPARENT_MODULE_NAMES = {"DropPath", "DropBlock2d"}
-
-
-def _timm_activation_classes() -> tuple[type[nn.Module], ...]:
-    """timm's activation classes, when timm is already imported (the model then likely uses them)."""
-    classes: list[type[nn.Module]] = []
-    for module_name, names in _TIMM_ACTIVATIONS.items():
-        module = sys.modules.get(module_name)
-        for name in names:
-            cls = getattr(module, name, None)
-            if isinstance(cls, type) and issubclass(cls, nn.Module):
-                classes.append(cls)
-    return tuple(classes)
-
-
-@dataclass(frozen=True)
-class _Activations:
-    """What counts as an activation: module classes, functions and tensor-method names."""
-
-    modules: tuple[type[nn.Module], ...]
-    functions: frozenset[Callable[..., Any]]
-    methods: frozenset[str]
-
-    @classmethod
-    def parse(cls, activations: Iterable[Any] | None) -> _Activations:
-        if activations is None:
-            return cls(
-                DEFAULT_ACTIVATION_MODULES + _timm_activation_classes(),
-                frozenset(DEFAULT_ACTIVATION_FUNCTIONS),
-                frozenset(DEFAULT_ACTIVATION_METHODS),
-            )
-        if isinstance(activations, (str, type)) or callable(activations):
-            activations = [activations]
-        modules: list[type[nn.Module]] = []
-        functions: list[Callable[..., Any]] = []
-        methods: list[str] = []
-        for item in activations:
-            if isinstance(item, type):
-                if not issubclass(item, nn.Module):
-                    raise TypeError(
-                        f"insert_bn: activations= takes nn.Module classes, got the class {item.__name__}"
-                    )
-                modules.append(item)
-            elif isinstance(item, str):
-                if not callable(getattr(Tensor, item, None)):
-                    raise ValueError(
-                        f"insert_bn: activations= got {item!r}, which is not a torch.Tensor method"
-                    )
-                methods.append(item)
-            elif callable(item):
-                functions.append(item)
-            else:
-                raise TypeError(
-                    "insert_bn: activations= takes nn.Module classes, functions and Tensor method names, "
-                    f"got {type(item).__name__}"
-                )
-        return cls(tuple(modules), frozenset(functions), frozenset(methods))
-
-    def is_call(self, node: fx.Node) -> bool:
-        if node.op == "call_function":
-            return _hashable(node.target) and node.target in self.functions
-        return node.op == "call_method" and node.target in self.methods
-
-
-def _hashable(obj: Any) -> bool:
-    try:
-        hash(obj)
-    except TypeError:
-        return False
-    return True
-
-
-@dataclass
-class _Source:
-    """Where the tensor reaching an activation comes from."""
-
-    kind: str  # "norm", "producer" or "unknown"
-    module: nn.Module | None = None
-    layout: str | None = None
-    features: int | None = None
-    ndim: int | None = None
-    direct: bool = False  # the producer's output feeds only this activation, through identities only
-
-
-_UNKNOWN = _Source("unknown")
-
-
-@dataclass
-class _Site:
-    """One place that gets a norm layer: an activation module to wrap, or a node of an owner's graph."""
-
-    label: str
-    source: _Source
-    act: nn.Module | None = None  # the module wrapped (wrap sites)
-    names: list[str] = field(default_factory=list)  # where the wrapped module is registered
-    owner: str | None = None  # graph sites: the module whose forward is rewritten
-    index: int = -1  # graph sites: position among the owner's activation nodes
-    node_name: str = ""
-    inplace: bool = False
-    training: bool = True
-    normact: NormAct | None = None
-    traced_caller: bool = True
-
-
-def _first_arg(node: fx.Node) -> fx.Node | None:
-    arg = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
-    return arg if isinstance(arg, fx.Node) else None
-
-
-def _is_transparent_module(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout)) or (
-        type(module).__name__ in _TRANSPARENT_MODULE_NAMES
-    )
-
-
-def _walk_back(graphs: ModelGraph, start: Value, acts: _Activations, act_ids: set[int]) -> _Source:
-    """Follow the tensor at ``start`` back to the layer that produced it.
-
-    Identities, dropout and residual sums are passed; so are other activations, for the size only (what
-    comes out of an activation is not normalized, whatever went in).
-    """
-    direct = True
-    after_activation = False
-    value = start
-    for _ in range(100_000):
-        node = value.node
-        if len(node.users) != 1:
-            direct = False
-        if node.op == "call_module":
-            module = graphs.module_at(value)
-            if is_norm_output(module):
-                return _UNKNOWN if after_activation else _Source("norm")
-            arg = _first_arg(node)
-            if id(module) in act_ids or (isinstance(module, NormAct) and module.act is not None):
-                if arg is None:
-                    return _UNKNOWN
-                direct, after_activation = False, True
-                value = Value(value.owner, arg)
-                continue
-            if _is_transparent_module(module):
-                if arg is None:
-                    return _UNKNOWN
-                direct = direct and isinstance(module, nn.Identity)
-                value = Value(value.owner, arg)
-                continue
-            layout = producer_layout(module)
-            if layout is not None:
-                return _Source("producer", module, *layout, direct=direct and graphs.used_once(module))
-            inner = graphs.inner_output(value)
-            if inner is None:
-                return _UNKNOWN
-            direct = direct and graphs.call_count(module) == 1
-            value = inner
-            continue
-        if node.op in ("call_function", "call_method"):
-            target = node.target
-            if node.op == "call_function" and _hashable(target) and target in _NORM_FUNCTIONS:
-                return _UNKNOWN if after_activation else _Source("norm")
-            arg = _first_arg(node)
-            if acts.is_call(node):
-                if arg is None:
-                    return _UNKNOWN
-                direct, after_activation = False, True
-                value = Value(value.owner, arg)
-                continue
-            exact = node.op == "call_method" and target in _EXACT_METHODS
-            if exact or (
-                node.op == "call_function" and _hashable(target) and target in _TRANSPARENT_FUNCTIONS
-            ):
-                if arg is None:
-                    return _UNKNOWN
-                direct = direct and exact
-                value = Value(value.owner, arg)
-                continue
-            is_add = (node.op == "call_function" and _hashable(target) and target in _ADD) or (
-                node.op == "call_method" and target in _ADD_METHODS
-            )
-            if is_add:
-                operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-                if len(operands) == 1:  # x + constant
-                    direct = False
-                    value = Value(value.owner, operands[0])
-                    continue
-                if len(operands) == 2:
-                    sources = [_walk_back(graphs, Value(value.owner, a), acts, act_ids) for a in operands]
-                    if not after_activation and any(s.kind == "norm" for s in sources):
-                        return _Source("norm")  # a residual sum with a normalized branch (ResNet)
-                    producers = [s for s in sources if s.kind == "producer"]
-                    if producers:
-                        producers[0].direct = False
-                        return producers[0]
-            return _UNKNOWN
-        if node.op == "placeholder":
-            outer = graphs.caller_value(value)
-            if outer is None:
-                return _UNKNOWN
-            value = outer
-            continue
-        return _UNKNOWN
-    return _UNKNOWN  # pragma: no cover - graphs are finite
-
-
-def _sibling_source(model: nn.Module, name: str) -> _Source:
-    """Without a traced caller: guess from the module registered just before the activation in its parent."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    keys = list(parent._modules)
-    for key in reversed(keys[: keys.index(attr)]):
-        previous = parent._modules[key]
-        if previous is None or _is_transparent_module(previous):
-            continue
-        if is_norm_output(previous):
-            return _Source("norm")
-        layout = producer_layout(previous)
-        return _Source("producer", previous, *layout) if layout else _UNKNOWN
-    return _UNKNOWN
-
-
-def _is_inplace_call(node: fx.Node, module: nn.Module | None) -> bool:
-    if module is not None:
-        return bool(getattr(module, "inplace", False))
-    name = getattr(node.target, "__name__", node.target)
-    if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
-        return True
-    return bool(node.kwargs.get("inplace", False)) or any(a is True for a in node.args[1:])
-
-
-def _used_after(node: fx.Node, arg: fx.Node) -> bool:
-    """Whether ``arg`` is consumed by a node after ``node`` (it sees what an in-place activation did)."""
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return any(order[user] > order[node] for user in arg.users if user is not node)
-
-
-_SOURCE_CALL = re.compile(r"(?:\b(F|torch|functional)\.([a-z_0-9]+)|\.([a-z_0-9]+))\s*\(")
-
-
-def _functional_calls_in_source(module: nn.Module, acts: _Activations) -> list[str]:
-    """The activation calls written in the source of ``module.forward`` (best effort, for messages)."""
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return []
-    function_names = {getattr(f, "__name__", "") for f in acts.functions}
-    found: dict[str, None] = {}
-    for match in _SOURCE_CALL.finditer(source):
-        prefix, function, method = match.groups()
-        if function and function in function_names:
-            found[f"{prefix}.{function}"] = None
-        elif method and method in acts.methods:
-            found[f"x.{method}()"] = None
-    return list(found)
-
-
-def _is_atomic(module: nn.Module, acts: _Activations) -> bool:
-    """Modules that are not traced: their calls are leaves (their insides are torch's or a norm's)."""
+def _is_leaf(module: nn.Module, acts: ActivationSpec) -> bool:
+    """Modules that are not traced: their calls are leaves (their insides are an activation's or a norm's)."""
     if isinstance(module, acts.modules) or is_norm_module(module):
         return True
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
-        return True
-    if producer_layout(module) is not None and not module._modules:
-        return True
-    cls = type(module)
-    return (
-        cls.__module__.startswith("torch.")
-        and cls is not nn.Sequential
-        and not isinstance(module, fx.GraphModule)
-    )
-
-
-def _activation_nodes(
-    graph: fx.Graph, owner: nn.Module, acts: _Activations, act_ids: set[int]
-) -> list[fx.Node]:
-    """The activation call sites of one graph, in order: calls of activation modules and functions."""
-    nodes = []
-    for node in graph.nodes:
-        if node.op == "call_module":
-            if id(owner.get_submodule(str(node.target))) in act_ids:
-                nodes.append(node)
-        elif acts.is_call(node):
-            nodes.append(node)
-    return nodes
-
-
-def _site_key(node: fx.Node) -> tuple[str, str]:
-    return node.op, str(node.target) if isinstance(node.target, str) else repr(node.target)
-
-
-def _call_args(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_input, dict):
-        return (), dict(example_input)
-    if isinstance(example_input, (tuple, list)):
-        return tuple(example_input), {}
-    return (example_input,), {}
-
-
-def _describe(example_input: Any) -> str:
-    if isinstance(example_input, Tensor):
-        return f"of shape {tuple(example_input.shape)}"
-    if isinstance(example_input, dict):
-        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in example_input.items()) + "}"
-    if isinstance(example_input, (tuple, list)):
-        return "(" + ", ".join(_describe(v) for v in example_input) + ")"
-    return type(example_input).__name__
-
-
-def _run_example(model: nn.Module, example_input: Any, what: str) -> None:
-    """One forward pass in eval mode without gradients; on failure a ValueError names the module that failed."""
-    args, kwargs = _call_args(example_input)
-    modes = {m: m.training for m in model.modules()}
-    stack: list[str] = []
-    handles = []
-
-    def enter(name: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            stack.append(name)
-
-        return hook
-
-    def leave(*_: Any) -> None:
-        stack.pop()
-
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(name)))
-        handles.append(module.register_forward_hook(leave))
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Exception as error:
-        where = stack[-1] if stack else ""
-        inner = model.get_submodule(where) if where else model
-        place = (
-            f"in module {where!r} ({type(inner).__name__})" if where else f"in {type(model).__name__}.forward"
-        )
-        raise ValueError(
-            f"insert_bn: the forward pass on example_input {_describe(example_input)}{what} failed {place}: "
-            f"{type(error).__name__}: {error}"
-        ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
-        for module in model.modules():
-            if isinstance(module, NormAct):
-                module.norm.train(module.training)
-
-
-def _new_norm(
-    norm: NormSpec, source: _Source, eager: bool, model: nn.Module
-) -> tuple[nn.Module, bool | None]:
-    """The norm layer for a site and whether it is channels-last (``None``: decided at the first forward)."""
-    producer = source.module if source.kind == "producer" else None
-    reference = producer if producer is not None and first_tensor(producer) is not None else model
-    ref = first_tensor(reference)
-    device = ref.device if ref is not None else None
-    dtype = floating_dtype(reference)
-    if eager and producer is not None and source.features is not None and source.ndim is not None:
-        layer = get_norm_layer(norm, source.ndim)(source.features)
-        layer.to(device=device, dtype=dtype)
-        return layer, source.layout == "last"
-    layout = source.layout if producer is not None else None
-    features = source.features if producer is not None else None
-    return LazyNorm(norm, layout=layout, features=features, device=device, dtype=dtype), None
-
-
-def _drop_bias(site: _Site) -> bool:
-    """Drop the bias of the producer that feeds only this site's norm layer, if the norm cancels it."""
-    source, normact = site.source, site.normact
-    producer = source.module
-    if normact is None or producer is None or not source.direct:
-        return False
-    bias = getattr(producer, "bias", None)
-    if not isinstance(bias, nn.Parameter) or not is_batch_norm(normact.norm):
-        return False
-    features = getattr(normact.norm, "num_features", None)
-    if features != source.features or normact.channels_last != (source.layout == "last"):
-        return False
-    producer.bias = None  # type: ignore[assignment]
-    return True
+    return producer_layout(module) is not None and not module._modules
 
 
 def insert_bn(
@@ -560,12 +117,13 @@ def insert_bn(
     """
     check_model(model, "insert_bn")
     get_norm_layer(norm, 1)  # an unknown name fails here, listing the valid ones
-    acts = _Activations.parse(activations)
+    acts = ActivationSpec.parse(activations)
     model = copy_model(model, inplace, "insert_bn")
+    calls: dict[int, int] = {}
     if example_input is not None:
-        _run_example(model, example_input, "")
+        calls = run_forward(model, example_input, "insert_bn", "example_input")
 
-    graphs = ModelGraph(model, lambda m: _is_atomic(m, acts))
+    graphs = ModelGraph(model, lambda m: _is_leaf(m, acts))
     act_ids = {id(m) for m in model.modules() if isinstance(m, acts.modules)}
     # A parameter-free module without children whose forward calls an activation is an activation itself
     # (a hand-written Swish): it is wrapped, not rewritten inside.
@@ -574,8 +132,16 @@ def insert_bn(
         if bare and any(acts.is_call(node) for node in graphs.graphs[owner].nodes):
             act_ids.add(id(module))
 
-    sites, unreachable = _find_sites(model, graphs, acts, act_ids)
+    sites, unreachable = find_sites(model, graphs, acts, act_ids)
     todo = [site for site in sites if site.source.kind != "norm"]
+    for site in todo:
+        count = calls.get(id(site.act), 0)
+        if not site.traced_caller and count > 1:  # seen in the example pass: one layer cannot serve each call
+            unreachable.append(
+                f"activation module {site.label!r} is called {count} times per forward from code torch.fx could "
+                "not trace, so its calls cannot get separate norm layers"
+            )
+    todo = [site for site in todo if site.traced_caller or calls.get(id(site.act), 0) <= 1]
     if not sites:
         if not unreachable:
             warnings.warn(
@@ -610,133 +176,26 @@ def insert_bn(
     applied = [site for site in todo if site.normact is not None]
 
     if example_input is not None and applied:
-        counts = _count_calls_during(
-            model, example_input, [s.normact for s in applied if not s.traced_caller]
-        )
-        for site in applied:
-            if not site.traced_caller and counts.get(id(site.normact), 0) > 1:
-                assert site.act is not None
-                for name in site.names:
-                    set_submodule(model, name, site.act)
-                warnings.warn(
-                    f"insert_bn: activation module {site.label!r} is called {counts[id(site.normact)]} times per "
-                    "forward from code torch.fx could not trace, so its calls cannot get separate norm layers; it "
-                    "gets none",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                site.normact = None
+        run_forward(model, example_input, "insert_bn", "example_input (with the new layers)")
     if remove_bias:
         for site in applied:
             _drop_bias(site)
     return model
 
 
-def _find_sites(
-    model: nn.Module, graphs: ModelGraph, acts: _Activations, act_ids: set[int]
-) -> tuple[list[_Site], list[str]]:
-    """Every activation site, with its source; and messages about activations out of reach."""
-    sites: list[_Site] = []
-    unreachable: list[str] = []
-    names_of = graphs.names
-    inside_norm: set[int] = set()
-    for module in model.modules():
-        if is_norm_module(module) or id(module) in act_ids:  # an act inside a norm+act layer or an activation
-            inside_norm.update(id(m) for m in module.modules() if m is not module)
-    parents_traced = set(graphs.graphs)
-
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) not in act_ids or id(module) in inside_norm or id(module) in seen or not name:
-            continue
-        seen.add(id(module))
-        calls = graphs.calls.get(id(module), [])
-        names = names_of[id(module)]
-        if not calls:
-            parent = name.rpartition(".")[0]
-            if parent in parents_traced:
-                continue  # its traced parent never calls it: an unused module
-            sites.append(
-                _Site(name, _sibling_source(model, name), act=module, names=names, training=module.training,
-                      traced_caller=False)
-            )  # fmt: skip
-            continue
-        rewrite = len(calls) > 1
-        if len(calls) == 1:
-            owner, node = calls[0]
-            arg = _first_arg(node)
-            rewrite = arg is not None and _is_inplace_call(node, module) and _used_after(node, arg)
-            if not rewrite:
-                source = _walk_back(graphs, Value(owner, arg), acts, act_ids) if arg is not None else _UNKNOWN
-                sites.append(_Site(name, source, act=module, names=names, training=module.training))
-                continue
-        for owner, node in calls:
-            sites.append(
-                _graph_site(graphs, owner, node, acts, act_ids, f"{name} (called in {owner or 'the root'})")
-            )
-
-    for owner, graph in graphs.graphs.items():
-        for node in graph.nodes:
-            if acts.is_call(node) and id(graphs.owners[owner]) not in act_ids:
-                label = f"{_call_name(node)} in {owner or 'the root'} ({type(graphs.owners[owner]).__name__})"
-                sites.append(_graph_site(graphs, owner, node, acts, act_ids, label))
-
-    for name, module in model.named_modules():
-        activation = getattr(module, "activation", None)
-        builtin = type(module).__module__.startswith("torch.nn")
-        if builtin and callable(activation) and not isinstance(activation, nn.Module):
-            unreachable.append(
-                f"the activation of {type(module).__name__} ({name or 'the root'}) runs inside torch's "
-                "implementation, which is not traced"
-            )
-    for owner, reason in graphs.failures.items():
-        module = graphs.owners.get(owner) or model.get_submodule(owner)
-        calls_in_source = _functional_calls_in_source(module, acts)
-        if calls_in_source:
-            unreachable.append(
-                f"{', '.join(calls_in_source)} in {type(module).__name__}.forward ({owner or 'the root'}): torch.fx "
-                f"could not trace it ({reason}); its activation modules are still handled"
-            )
-    return sites, unreachable
-
-
-def _call_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return f"x.{node.target}()"
-    target = node.target
-    module = getattr(target, "__module__", "") or ""
-    prefix = "F." if module.endswith("functional") else "torch." if module.startswith("torch") else ""
-    return f"{prefix}{getattr(target, '__name__', target)}"
-
-
-def _graph_site(
-    graphs: ModelGraph, owner: str, node: fx.Node, acts: _Activations, act_ids: set[int], label: str
-) -> _Site:
-    owner_module = graphs.owners[owner]
-    index = _activation_nodes(graphs.graphs[owner], owner_module, acts, act_ids).index(node)
-    arg = _first_arg(node)
-    source = _walk_back(graphs, Value(owner, arg), acts, act_ids) if arg is not None else _UNKNOWN
-    module = owner_module.get_submodule(str(node.target)) if node.op == "call_module" else None
-    return _Site(
-        label, source, owner=owner, index=index, node_name=node.name,
-        inplace=arg is not None and _is_inplace_call(node, module) and _used_after(node, arg),
-        training=owner_module.training,
-    )  # fmt: skip
-
-
 def _apply(
-    model: nn.Module, graphs: ModelGraph, sites: Sequence[_Site], acts: _Activations, act_ids: set[int]
+    model: nn.Module, graphs: ModelGraph, sites: Sequence[Site], acts: ActivationSpec, act_ids: set[int]
 ) -> list[str]:
     """Wrap the activation modules and rewrite the forwards; returns messages for the sites that failed."""
     failures: list[str] = []
-    by_owner: dict[str, list[_Site]] = {}
+    by_owner: dict[str, list[Site]] = {}
     for site in sites:
         if site.owner is not None:
             by_owner.setdefault(site.owner, []).append(site)
     for owner, owner_sites in by_owner.items():
         module = graphs.owners[owner]
         taken = set(module.__dict__) | set(module._modules) | set(module._parameters) | set(module._buffers)
-        planned: list[tuple[_Site, str]] = []
+        planned: list[tuple[Site, str]] = []
         for site in owner_sites:
             base = f"norm_{site.node_name}"
             name = base
@@ -766,20 +225,34 @@ def _apply(
 def _rewrite(
     module: nn.Module,
     reference_graph: fx.Graph,
-    planned: list[tuple[_Site, str]],
-    acts: _Activations,
+    planned: list[tuple[Site, str]],
+    acts: ActivationSpec,
     act_ids: set[int],
 ) -> None:
-    reference = [_site_key(n) for n in _activation_nodes(reference_graph, module, acts, act_ids)]
-    graphs: dict[bool, fx.Graph] = {}
-    for mode in (True, False):
-        graph = trace_module(module, training=mode)
-        nodes = _activation_nodes(graph, module, acts, act_ids)
-        if [_site_key(n) for n in nodes] != reference:
-            raise TraceError("its forward calls different activations in training and in eval mode")
+    reference = [site_key(n) for n in activation_nodes(reference_graph, module, acts, act_ids)]
+    optional = optional_arguments(module)
+    if len(optional) > _MAX_OPTIONAL:
+        raise TraceError(f"its forward has more than {_MAX_OPTIONAL} arguments that default to None")
+    graphs: dict[Variant, fx.Graph | None] = {}
+    for mode, none in itertools.product(
+        (True, False), itertools.product((False, True), repeat=len(optional))
+    ):
+        try:
+            graph = trace_module(module, training=mode, none=none)
+        except TraceError:
+            if not any(none):
+                raise
+            graphs[(mode, none)] = None  # called so, the rewritten forward raises a clear error
+            continue
+        nodes = activation_nodes(graph, module, acts, act_ids)
+        if [site_key(n) for n in nodes] != reference:
+            raise TraceError(
+                "its forward calls different activations in training and in eval mode, or when an optional "
+                "argument is None"
+            )
         for site, name in planned:
             node = nodes[site.index]
-            arg = _first_arg(node)
+            arg = first_input(node)
             assert arg is not None
             with graph.inserting_before(node):
                 normed = graph.call_module(name, (arg,))
@@ -789,31 +262,42 @@ def _rewrite(
                 for user in list(arg.users):
                     if user is not normed and order[user] > order[node]:
                         user.replace_input_with(arg, node)
-        graphs[mode] = graph
+        graphs[(mode, none)] = graph
     previous = module.__dict__.get("forward")
     inserted = tuple(getattr(previous, "inserted", ())) + tuple(name for _, name in planned)
     for site, name in planned:
         assert site.normact is not None
         module.add_module(name, site.normact)
-    install_graph_forward(module, graphs, inserted)
+    install_graph_forward(module, graphs, inserted, optional)
 
 
-def _count_calls_during(
-    model: nn.Module, example_input: Any, watched: list[NormAct | None]
-) -> dict[int, int]:
-    """Run the sizing forward pass on ``example_input``, counting the calls of the ``watched`` modules."""
-    counts: dict[int, int] = {}
-    handles = []
+def _new_norm(norm: NormSpec, source: Source, eager: bool, model: nn.Module) -> tuple[nn.Module, bool | None]:
+    """The norm layer for a site and whether it is channels-last (``None``: decided at the first forward)."""
+    producer = source.module if source.kind == "producer" else None
+    reference = producer if producer is not None and first_tensor(producer) is not None else model
+    ref = first_tensor(reference)
+    device = ref.device if ref is not None else None
+    dtype = floating_dtype(reference)
+    if eager and producer is not None and source.features is not None and source.ndim is not None:
+        layer = get_norm_layer(norm, source.ndim)(source.features)
+        layer.to(device=device, dtype=dtype)
+        return layer, source.layout == "last"
+    layout = source.layout if producer is not None else None
+    features = source.features if producer is not None else None
+    return LazyNorm(norm, layout=layout, features=features, device=device, dtype=dtype), None
 
-    def count(module: nn.Module, _: Any) -> None:
-        counts[id(module)] = counts.get(id(module), 0) + 1
 
-    for module in watched:
-        if module is not None:
-            handles.append(module.register_forward_pre_hook(count))
-    try:
-        _run_example(model, example_input, " (with the new layers)")
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
+def _drop_bias(site: Site) -> bool:
+    """Drop the bias of the producer that feeds only this site's norm layer, if the norm cancels it."""
+    source, normact = site.source, site.normact
+    producer = source.module
+    if normact is None or producer is None or not source.direct:
+        return False
+    bias = getattr(producer, "bias", None)
+    if not isinstance(bias, nn.Parameter) or not is_batch_norm(normact.norm):
+        return False
+    features = getattr(normact.norm, "num_features", None)
+    if features != source.features or normact.channels_last != (source.layout == "last"):
+        return False
+    producer.bias = None  # type: ignore[assignment]
+    return True

@@ -6,8 +6,9 @@ from torch import nn
 
 from ..layers import is_batch_norm
 from ._common import check_model, copy_model, is_surgery_bn, without_act
-from ._graph import GraphForward, restore_forward
+from ._forward import undo_rewrite
 from ._modules import NormAct
+from .freeze import FrozenBatchNorm
 
 __all__ = ["removal_replacement", "remove_bn"]
 
@@ -23,7 +24,7 @@ def removal_replacement(module: nn.Module) -> nn.Module | None:
         if not is_surgery_bn(module):
             return None
         replacement = module.act if module.act is not None else nn.Identity()
-    elif is_batch_norm(module):
+    elif is_batch_norm(module) or isinstance(module, FrozenBatchNorm):
         replacement = without_act(module)
     else:
         return None
@@ -69,13 +70,7 @@ def remove_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     memo: dict[int, nn.Module | None] = {}
     _remove_children(model, memo)
     for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if not isinstance(forward, GraphForward) or not forward.inserted:
-            continue
-        if all(isinstance(module._modules.get(name), nn.Identity) for name in forward.inserted):
-            restore_forward(module)
-            for name in forward.inserted:
-                delattr(module, name)
+        undo_rewrite(module)
     return model
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..layers import BatchNormBase, NormSpec, get_norm_layer, is_batch_norm, norm_family
 from ._common import bn_act_parts, check_model, copy_model, hook_dict_names
@@ -34,7 +35,8 @@ def _ndim(module: nn.Module, name: str) -> int:
         return 1 if 2 in dims else dims[0] - 2
     if isinstance(module, nn.modules.batchnorm._LazyNormBase) and module.has_uninitialized_params():
         raise ValueError(
-            f"replace_bn: {name} ({type(module).__name__}) is not initialized yet; run a forward pass first"
+            f"replace_bn: expected {name} ({type(module).__name__}) to be initialized, got uninitialized "
+            "parameters; run a forward pass first"
         )
     for ndim, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
         if isinstance(module, cls):
@@ -90,14 +92,15 @@ def _convert(old: Any, norm: NormSpec, name: str) -> nn.Module:
     new = (act_factory or factory)(int(old.num_features), **kwargs)
     if getattr(old, "track_running_stats", True) is False and getattr(new, "running_mean", None) is not None:
         raise ValueError(
-            f"replace_bn: {name} ({type(old).__name__}) has track_running_stats=False (it normalizes with batch "
-            f"statistics in eval too), which {type(new).__name__} cannot do: it always tracks running statistics, "
-            "so eval outputs would change"
+            f"replace_bn: expected a layer that {type(new).__name__} can stand for, got {name} "
+            f"({type(old).__name__}) with track_running_stats=False (it normalizes with batch statistics in eval "
+            f"too), which {type(new).__name__} cannot do: it always tracks running statistics, so eval outputs "
+            "would change"
         )
     if getattr(old, "affine", False) and getattr(new, "weight", None) is None:
         raise ValueError(
-            f"replace_bn: {name} ({type(old).__name__}) has a learned weight and bias, which {type(new).__name__} "
-            "lacks (affine=False)"
+            f"replace_bn: expected a kind with a learned weight and bias for {name} ({type(old).__name__}), "
+            f"got {type(new).__name__}, which lacks them (affine=False)"
         )
     for key in ("eps", "momentum"):
         if hasattr(old, key) and hasattr(new, key) and key not in kwargs and key not in fixed:
@@ -105,6 +108,7 @@ def _convert(old: Any, norm: NormSpec, name: str) -> nn.Module:
     if isinstance(reference, Tensor):
         new.to(device=reference.device, dtype=reference.dtype)
     _carry_state(old, new)
+    _carry_parametrizations(old, new, name)
     new.train(old.training)
     for key in hook_dict_names():  # the user's hook handles keep working on the new layer
         setattr(new, key, getattr(old, key))
@@ -133,6 +137,24 @@ def _carry_state(old: nn.Module, new: Any) -> None:
         if not getattr(old, "affine", True) and getattr(new, "weight", None) is not None:
             new.weight.fill_(1.0)  # an affine layer replacing a non-affine one: start as the identity map
             new.bias.zero_()
+
+
+def _carry_parametrizations(old: nn.Module, new: nn.Module, name: str) -> None:
+    """Register the parametrizations of ``old`` (the same modules) on ``new``, with ``old``'s original tensors."""
+    if not parametrize.is_parametrized(old):
+        return
+    for tensor_name, parametrizations in old.get_submodule("parametrizations").named_children():
+        if not isinstance(getattr(new, tensor_name, None), Tensor):
+            raise ValueError(
+                f"replace_bn: expected {type(new).__name__} to have the parametrized {tensor_name!r} of {name} "
+                f"({type(old).__name__}), got none; remove the parametrization first"
+            )
+        for parametrization in parametrizations.children():
+            parametrize.register_parametrization(new, tensor_name, parametrization, unsafe=True)
+        carried = new.get_submodule(f"parametrizations.{tensor_name}")
+        carried.load_state_dict(parametrizations.state_dict())
+        for key, tensor in parametrizations.named_parameters(recurse=False):
+            carried.get_parameter(key).requires_grad_(tensor.requires_grad)
 
 
 def replace_bn(model: nn.Module, norm: NormSpec = "renorm", *, inplace: bool = False) -> nn.Module:

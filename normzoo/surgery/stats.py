@@ -13,19 +13,20 @@ The work is split in three steps so that a distributed run can combine processes
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from ..layers import is_batch_norm
-from ._common import check_model, first_tensor
+from ._common import after_norm, check_model, first_tensor
+from ._inputs import batch_input, call_args, move_to, run_forward
 from ._modules import NormAct
 from .sync import all_reduce_stat_sums
 
@@ -63,13 +64,15 @@ class BatchStatSums:
         return cls(scalar(), scalar(), vector, vector.clone(), scalar())
 
     def add_batch(self, input: Tensor) -> None:
-        """Add the statistics of one batch ``input`` of shape ``(N, C, *)``."""
+        """Add the statistics of one batch ``input`` of shape ``(N, C, *)``; an empty one adds nothing."""
+        n = float(input.numel() // input.shape[1]) if input.shape[1] else 0.0
+        if n == 0:  # N = 0 holds no values: its mean would be NaN
+            return
         dims = [0, *range(2, input.dim())]
         values = input.detach()
         if values.dtype in (torch.float16, torch.bfloat16):
             values = values.float()
         var, mean = torch.var_mean(values, dim=dims, correction=0)
-        n = float(input.numel() // input.shape[1])
         self.count += n
         self.dof += n - 1.0
         self.mean_sum += n * mean.double()
@@ -97,52 +100,20 @@ class BatchStatSums:
 
 
 def _tracked_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """The BatchNorm layers with running statistics; a lazy one that no batch has sized yet is left out."""
     return [
         (name, module)
         for name, module in model.named_modules()
-        if is_batch_norm(module) and getattr(module, "running_mean", None) is not None
+        if is_batch_norm(module)
+        and isinstance(getattr(module, "running_mean", None), Tensor)
+        and not is_lazy(module.running_mean)
     ]
 
 
-def _model_input(batch: Any, model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """What the model is called with for one batch (see :func:`recompute_bn_stats`)."""
-    if isinstance(batch, Mapping):
-        try:
-            parameters = inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            parameters = {}  # type: ignore[assignment]
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            return (), dict(batch)
-        kwargs = {k: v for k, v in batch.items() if k in parameters}
-        if not kwargs:
-            raise TypeError(
-                f"recompute_bn_stats: a batch is a dict with keys {sorted(batch)}, none of which is a parameter "
-                f"of {type(model).__name__}.forward{inspect.signature(model.forward)}; yield tensors, (input, "
-                "target) pairs, or dicts keyed by forward's parameter names"
-            )
-        return (), kwargs
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise TypeError("recompute_bn_stats: a batch is an empty sequence")
-        first = batch[0]
-        if isinstance(first, (tuple, list)):
-            return tuple(first), {}
-        if isinstance(first, Mapping):
-            return _model_input(first, model)
-        return (first,), {}
-    return (batch,), {}
-
-
-def _to(value: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return value
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
+def _unsized(model: nn.Module) -> bool:
+    """Whether the model holds layers sized at their first forward: insert_bn's pending ones, torch's lazy ones."""
+    lazy = any(is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers()))
+    return lazy or any(isinstance(m, NormAct) and m.pending for m in model.modules())
 
 
 def _progress(batches: Iterable[Any], total: int | None) -> Iterable[Any]:
@@ -171,22 +142,25 @@ def _batch_stats_forward(module: Any, sums: BatchStatSums) -> Any:
                 0.0,
                 module.eps,
             )
-        drop, act = module._modules.get("drop"), module._modules.get("act")  # timm's BatchNormAct2d
-        if drop is not None:
-            output = drop(output)
-        return act(output) if act is not None else output
+        return after_norm(module, output)  # timm's BatchNormAct2d: its drop and act
 
     return forward
 
 
 def collect_bn_stat_sums(
-    model: nn.Module, dataloader: Iterable[Any], *, num_batches: int | None = None
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
 ) -> dict[str, BatchStatSums]:
     """Run ``dataloader`` through ``model`` and sum the batch statistics of every tracked BatchNorm layer.
 
     The model runs in eval mode under ``torch.no_grad()`` (dropout off, nothing updated) except that each
     BatchNorm-family layer with running statistics normalizes with its batch statistics, as plain BatchNorm
     (no renorm correction, no noise). The model's flags and forwards are restored afterwards.
+
+    Args and batches: as :func:`recompute_bn_stats`.
 
     Returns:
         ``{layer name: BatchStatSums}`` for every layer with running statistics (zeros where no batch
@@ -195,27 +169,20 @@ def collect_bn_stat_sums(
     check_model(model, "recompute_bn_stats")
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(
-            f"recompute_bn_stats: num_batches must be a positive int or None, got {num_batches!r}"
+            f"recompute_bn_stats: expected num_batches to be a positive int or None, got {num_batches!r}"
         )
     reference = first_tensor(model)
     device = reference.device if reference is not None else None
     modes = {module: module.training for module in model.modules()}
     batches: Iterator[Any] = itertools.islice(dataloader, num_batches)
-    pending = [m for m in model.modules() if isinstance(m, NormAct) and m.pending]
+    input_of = input_fn if input_fn is not None else batch_input(model, "recompute_bn_stats")
     first: list[Any] = []
-    if pending:  # size the layers that insert_bn left pending, with the first batch, before hooking them
+    if _unsized(model):  # size pending and lazy layers with the first batch, before hooking them
         first = list(itertools.islice(batches, 1))
         if first:
-            args, kwargs = _model_input(_to(first[0], device), model)
-            model.eval()
-            try:
-                with torch.no_grad():
-                    model(*args, **kwargs)
-            finally:
-                for module, mode in modes.items():
-                    module.training = mode
-                for normact in pending:
-                    normact.norm.train(normact.training)
+            run_forward(
+                model, move_to(input_of(first[0]), device), "recompute_bn_stats", "the first batch's input"
+            )
             modes = {module: module.training for module in model.modules()}
     layers = _tracked_layers(model)
     sums = {name: BatchStatSums.zeros(int(module.num_features), _device(module)) for name, module in layers}
@@ -233,7 +200,7 @@ def collect_bn_stat_sums(
                 total = None
         with torch.no_grad():
             for batch in _progress([*first, *batches] if first else batches, total):
-                args, kwargs = _model_input(_to(batch, device), model)
+                args, kwargs = call_args(move_to(input_of(batch), device))
                 model(*args, **kwargs)
     finally:
         for module, forward in saved:
@@ -281,7 +248,11 @@ def apply_bn_stat_sums(model: nn.Module, sums: Mapping[str, BatchStatSums]) -> N
 
 
 def recompute_bn_stats(
-    model: nn.Module, dataloader: Iterable[Any], *, num_batches: int | None = None
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
 ) -> nn.Module:
     """Replace the running statistics of every BatchNorm layer by population statistics (Algorithm 2).
 
@@ -296,15 +267,18 @@ def recompute_bn_stats(
     ``torch.distributed`` with several processes, the sums are all-reduced before they are applied, so every
     process gets the population statistics of the data seen by all of them.
 
-    What the model receives from each batch: a tensor is passed as is; for a tuple or list (``(x, y)``) its
-    first element (itself unpacked into positional arguments if it is a tuple or list); a dict is passed as
-    keyword arguments, keeping the keys that name parameters of ``forward`` (all of them if ``forward`` takes
-    ``**kwargs``). Tensors are moved to the model's device. A progress bar is shown when tqdm is installed.
+    What the model receives from each batch is ``input_fn(batch)``, called as every surgery function calls a
+    model with an input: a tuple or list is unpacked into positional arguments, a dict into keyword
+    arguments, anything else is the one argument. The default ``input_fn`` takes a tensor batch as it is,
+    the first element of a tuple or list (``(x, y)`` gives ``x``) and, from a dict (or a dict first element),
+    the entries that name parameters of ``forward`` (all of them if ``forward`` takes ``**kwargs``). Tensors
+    are moved to the model's device. A progress bar is shown when tqdm is installed.
 
     Args:
         model: the model, modified in place.
         dataloader: an iterable of batches.
         num_batches: use at most this many batches (all by default).
+        input_fn: ``batch -> input`` of the model, for batches the default does not read (see above).
 
     Returns:
         ``model``.
@@ -323,7 +297,7 @@ def recompute_bn_stats(
         >>> torch.allclose(net[1].running_mean, hidden.mean(0), atol=1e-6)
         True
     """
-    sums = collect_bn_stat_sums(model, dataloader, num_batches=num_batches)
+    sums = collect_bn_stat_sums(model, dataloader, num_batches=num_batches, input_fn=input_fn)
     all_reduce_stat_sums(sums)  # under DDP every process ends with the statistics of all processes' data
     apply_bn_stat_sums(model, sums)
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import normzoo as nz
 
@@ -179,3 +180,15 @@ def test_inplace_and_copy() -> None:
     assert nz.fuse_bn(model, inplace=True) is model
     assert isinstance(model[1], nn.Identity)
     assert fused[0].weight is not model[0].weight
+
+
+def test_a_parametrized_neighbour_is_named_in_a_warning() -> None:
+    class Positive(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return weight.abs()
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    parametrize.register_parametrization(model[0], "weight", Positive())
+    with pytest.warns(UserWarning, match="1: its neighbour 0 has a parametrization"):
+        fused = nz.fuse_bn(model)
+    assert isinstance(fused[1], nn.BatchNorm2d)

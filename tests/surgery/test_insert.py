@@ -246,7 +246,10 @@ def test_example_input_as_tuple_and_dict() -> None:
 
 
 def test_wrong_example_input_names_the_failing_module() -> None:
-    with pytest.raises(ValueError, match=r"example_input of shape \(4, 7\) failed in module '0' \(Linear\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected example_input of shape \(4, 7\) to run through Sequential, got RuntimeError in module '0' \(Linear\)",
+    ):
         nz.insert_bn(mlp(), example_input=torch.randn(4, 7))
     model = mlp()
     with pytest.raises(ValueError, match="example_input"):
@@ -384,3 +387,57 @@ def test_size_passes_through_an_earlier_activation() -> None:
     assert type(model.norm_tanh.norm) is nz.BatchNorm1d  # sized at once from fc, through the SiLU
     assert model.norm_tanh.norm.num_features == 6
     assert model.fc.bias is None  # dropped for the first norm, which fc feeds alone
+
+
+class OptionalShortcut(nn.Module):
+    """timm's DlaBasic in small: ``shortcut=None`` means "use x", and one ReLU called twice forces a rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        if shortcut is None:
+            shortcut = x
+        return self.relu(self.fc2(self.relu(self.fc1(x))) + shortcut)
+
+
+class CallsBothWays(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = OptionalShortcut()
+        self.second = OptionalShortcut()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.first(x, x * 2)
+        return self.second(y) if bool(y.sum() > -1e9) else y  # data-dependent: this forward is not traced
+
+
+def test_a_rewritten_forward_keeps_branches_on_optional_none_arguments() -> None:
+    """Tracing sees ``shortcut`` as a tensor; a call without it must still take the ``is None`` branch."""
+    model = CallsBothWays()
+    inserted = nz.insert_bn(model, norm=lambda features: nn.Identity(), remove_bias=False)
+    assert len(norm_acts(inserted)) == 4  # two per block, one per call of its ReLU
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(inserted(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(inserted.second(x), model.second(x), rtol=0, atol=0)  # shortcut=None
+    batch_normed = nz.insert_bn(model, example_input=x)
+    assert batch_normed(x).shape == (3, 4)
+
+
+@pytest.mark.parametrize("name", ["dla34", "hrnet_w18_small"])
+def test_timm_vanilla_models_take_new_layers_with_example_input(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    vanilla = nz.remove_bn(timm.create_model(name, pretrained=False, num_classes=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # activations out of fx's reach are listed, as documented
+        inserted = nz.insert_bn(vanilla, example_input=x, remove_bias=False)
+    layers = norm_acts(inserted)
+    assert len(layers) > 10
+    assert not any(layer.pending for layer in layers.values())
+    assert inserted.eval()(x).shape == (2, 4)
+    assert inserted.train()(x).shape == (2, 4)
+    assert outputs_equal(nz.remove_bn(inserted), vanilla, x, train=False)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import normzoo as nz
 from normzoo.surgery import BatchRenormAct2d, NormAct
@@ -167,3 +169,116 @@ def test_replace_bn_reaches_insert_bn_layers() -> None:
     replaced = nz.replace_bn(inserted, "noisy")
     assert isinstance(replaced[1], NormAct)
     assert type(replaced[1].norm) is nz.NoisyBatchNorm1d
+
+
+def _surgeries() -> list[tuple[str, Callable[[nn.Module], object]]]:
+    return [
+        ("insert_bn", lambda m: nz.insert_bn(m, inplace=True)),
+        ("remove_bn", nz.remove_bn),
+        ("replace_bn", nz.replace_bn),
+        ("fuse_bn", nz.fuse_bn),
+        ("recompute_bn_stats", lambda m: nz.recompute_bn_stats(m, [torch.randn(4, 3)])),
+    ]
+
+
+def _plain() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch deprecates TorchScript, not what is tested
+@pytest.mark.parametrize(("fname", "surgery"), _surgeries())
+def test_scripted_traced_and_compiled_models_are_refused(
+    fname: str, surgery: Callable[[nn.Module], object]
+) -> None:
+    model = _plain().eval()
+    scripted = torch.jit.script(model)
+    traced = torch.jit.trace(model, torch.randn(2, 3))
+    compiled = torch.compile(model)
+    for wrapped, advice in (
+        (scripted, "before torch.jit.script"),
+        (traced, "before torch.jit.script or torch.jit.trace"),
+        (compiled, r"compiled\._orig_mod"),
+        (nn.Sequential(scripted), r"at '0'"),
+    ):
+        with pytest.raises(TypeError, match=rf"{fname}: expected a plain torch\.nn\.Module, got .*{advice}"):
+            surgery(wrapped)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("fname", "surgery"), _surgeries())
+def test_ddp_wrapped_models_are_refused(fname: str, surgery: Callable[[nn.Module], object]) -> None:
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_plain())
+        with pytest.raises(
+            TypeError, match=rf"{fname}: expected a plain .*DistributedDataParallel.*model\.module"
+        ):
+            surgery(ddp)
+    finally:
+        dist.destroy_process_group()
+
+
+class _Positive(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.abs() + 0.5
+
+
+@pytest.mark.parametrize("norm", ["renorm", "noisy", "batchnorm", "torch"])
+def test_replace_bn_carries_a_parametrized_weight(norm: str) -> None:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    parametrize.register_parametrization(model[1], "weight", _Positive())
+    with torch.no_grad():
+        model[1].parametrizations.weight.original.normal_()
+    replaced = nz.replace_bn(model, norm)
+    assert parametrize.is_parametrized(replaced[1], "weight")
+    assert replaced.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, 6, 6)
+    assert outputs_equal(replaced, model, x, train=False)
+
+
+def _timm_bn_act(channels: int) -> nn.Module:
+    timm_layers = pytest.importorskip("timm.layers")
+    return timm_layers.BatchNormAct2d(channels, act_layer=nn.ReLU)
+
+
+#: Each BatchNorm kind surgery meets: (its layer at 4 channels, the ``norm`` name that builds it again).
+KINDS: dict[str, tuple[Callable[[int], nn.Module], str]] = {
+    "torch": (nn.BatchNorm2d, "torch"),
+    "batchnorm": (nz.BatchNorm2d, "batchnorm"),
+    "renorm": (nz.BatchRenorm2d, "renorm"),
+    "noisy": (nz.NoisyBatchNorm2d, "noisy"),
+    "timm": (_timm_bn_act, "torch"),
+}
+
+
+@pytest.mark.parametrize("source", sorted(KINDS))
+@pytest.mark.parametrize("target", ["batchnorm", "renorm", "noisy", "torch"])
+def test_every_kind_to_every_kind_and_back(source: str, target: str) -> None:
+    make, family = KINDS[source]
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), make(4), nn.Conv2d(4, 2, 1))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    there = nz.replace_bn(model, target)
+    assert nz.layers.norm_family(type(there[1]).__mro__[1] if source == "timm" else type(there[1])) in (
+        target,
+        None,
+    )
+    assert outputs_equal(there, model, x, train=False)
+    back = nz.replace_bn(there, family)
+    assert type(back[1]) is type(model[1])
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in back.state_dict().items())
+    assert outputs_equal(back, model, x, train=False)
+
+
+@pytest.mark.parametrize("source", sorted(KINDS))
+def test_every_kind_is_removed_and_fused(source: str) -> None:
+    make, _ = KINDS[source]
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), make(4), nn.Conv2d(4, 2, 1))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    removed = nz.remove_bn(model)
+    assert isinstance(removed[1], nn.ReLU if source == "timm" else nn.Identity)
+    fused = nz.fuse_bn(model)  # BatchRenorm and noisy BatchNorm fold their eval form, which is BatchNorm's
+    assert not any(nz.is_batch_norm(m) for m in fused.modules())
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)

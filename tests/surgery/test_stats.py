@@ -86,7 +86,7 @@ def test_num_batches_and_mixed_flags() -> None:
     assert_matches(model, expected)
     assert [m.training for m in model] == [False] * 3 + [True] + [False] * 11
     assert int(model[12].num_batches_tracked) == 2
-    with pytest.raises(ValueError, match="num_batches must be a positive int"):
+    with pytest.raises(ValueError, match="expected num_batches to be a positive int"):
         nz.recompute_bn_stats(model, data, num_batches=0)
 
 
@@ -114,8 +114,29 @@ def test_batch_formats() -> None:
     torch.manual_seed(0)
     keyword = nz.recompute_bn_stats(KeywordNet(), [{"image": x, "label": y} for x, y in data])
     assert_matches(keyword.body, expected)
-    with pytest.raises(TypeError, match="none of which is a parameter"):
+    with pytest.raises(TypeError, match="expected a batch dict keyed by parameters"):
         nz.recompute_bn_stats(KeywordNet(), [{"x": tensors[0]}])
+
+
+def test_input_fn_reads_any_batch_and_follows_the_input_convention() -> None:
+    """``input_fn`` gives the input; a tuple input is positional arguments, as in insert_bn's example_input."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = net()
+
+        def forward(self, image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.body(image * scale)
+
+    data = batches([4, 6])
+    expected = hand_statistics(net(), [x * 2 for x, _ in data])
+    feed = [{"pixels": x, "target": y} for x, y in data]
+    torch.manual_seed(0)
+    model = nz.recompute_bn_stats(
+        TwoInputs(), feed, input_fn=lambda batch: (batch["pixels"], torch.tensor(2.0))
+    )
+    assert_matches(model.body, expected)
 
 
 @pytest.fixture(autouse=True)
@@ -203,3 +224,24 @@ def test_corpus_after_insert_bn(case_name: str) -> None:
     assert len(expected) == len(case.expected)
     nz.recompute_bn_stats(model, inputs)
     assert_matches(model, expected)
+
+
+def test_an_empty_batch_adds_nothing() -> None:
+    """A loader can yield N = 0 (a filtered batch): its NaN mean must not reach the statistics."""
+    model = net()
+    data = batches([6, 0, 5])
+    expected = hand_statistics(model, [x for x, _ in data if len(x)])
+    nz.recompute_bn_stats(model, data)
+    assert_matches(model, expected)
+    assert int(model[12].num_batches_tracked) == 2  # momentum=None: the batches pooled, the empty one not
+
+
+def test_lazy_layers_are_sized_by_the_first_batch() -> None:
+    lazy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    data = batches([4, 6])
+    nz.recompute_bn_stats(lazy, data)
+    assert isinstance(lazy[1], nn.BatchNorm2d)
+    assert lazy[1].running_mean.shape == (4,)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    plain[0].load_state_dict(lazy[0].state_dict())
+    assert_matches(lazy, {"1": hand_statistics(plain, [x for x, _ in data])["1"]})
