@@ -22,6 +22,7 @@ from ._layers import find_blocks  # noqa: E402
 from ._replay import default_loss  # noqa: E402
 from .activations import ActivationMonitor  # noqa: E402
 from .covariate_shift import CovariateShiftMonitor  # noqa: E402
+from .drift import TrainEvalDriftMonitor  # noqa: E402
 from .epoch_timer import EpochTimer  # noqa: E402
 from .gradient_flow import GradientFlowMonitor  # noqa: E402
 from .jacobian import JacobianSpectrumMonitor  # noqa: E402
@@ -38,6 +39,7 @@ __all__ = [
     "JacobianSpectrumMonitor",
     "LossLandscapeMonitor",
     "PreciseBN",
+    "TrainEvalDriftMonitor",
     "WeightNormMonitor",
     "all_monitors",
     "default_loss",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -69,6 +69,8 @@ class PreciseBN(Callback):
         at_train_end: recompute at the end of training (``on_train_end``, after the last validation).
         dataloader: the batches to use; default: the trainer's training dataloader. Needed when the fit
             has several training dataloaders.
+        input_fn: ``batch -> input`` of the model, for batches that are not a tensor, ``(input, target,
+            ...)`` or a dict of ``forward``'s arguments (see :func:`normzoo.recompute_bn_stats`).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -83,6 +85,7 @@ class PreciseBN(Callback):
         before_validation: bool = True,
         at_train_end: bool = True,
         dataloader: Iterable[Any] | None = None,
+        input_fn: Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
         if num_batches is not None:
@@ -95,6 +98,7 @@ class PreciseBN(Callback):
         self.before_validation = before_validation
         self.at_train_end = at_train_end
         self.dataloader = dataloader
+        self.input_fn = input_fn
         #: The global steps at which the statistics were recomputed, oldest first.
         self.updates: list[int] = []
 
@@ -124,7 +128,7 @@ class PreciseBN(Callback):
         """Recompute now (on every rank: the sums are all-reduced)."""
         loader = self._loader(trainer)
         with _untouched_randomness(loader):
-            recompute_bn_stats(pl_module, loader, num_batches=self.num_batches)
+            recompute_bn_stats(pl_module, loader, num_batches=self.num_batches, input_fn=self.input_fn)
         self.updates.append(trainer.global_step)
 
     @override
