@@ -28,6 +28,7 @@ from .gradient_flow import GradientFlowMonitor  # noqa: E402
 from .jacobian import JacobianSpectrumMonitor  # noqa: E402
 from .loss_landscape import LossLandscapeMonitor  # noqa: E402
 from .precise_bn import PreciseBN  # noqa: E402
+from .skipped_step_guard import SkippedStepGuard  # noqa: E402
 from .weight_norm import WeightNormMonitor  # noqa: E402
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "JacobianSpectrumMonitor",
     "LossLandscapeMonitor",
     "PreciseBN",
+    "SkippedStepGuard",
     "TrainEvalDriftMonitor",
     "WeightNormMonitor",
     "all_monitors",
