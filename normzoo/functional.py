@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -259,9 +260,9 @@ def sample_noise_moments(
         True
     """
     low, high = std_range
-    if mean_range < 0 or not 0 <= low <= high:
+    if not (0.0 <= mean_range < math.inf and 0.0 <= low <= high < math.inf):  # NaN fails every comparison
         raise ValueError(
-            f"expected mean_range >= 0 and 0 <= std_range[0] <= std_range[1], "
+            f"sample_noise_moments: expected finite mean_range >= 0 and 0 <= std_range[0] <= std_range[1], "
             f"got mean_range={mean_range}, std_range={std_range}"
         )
     mean = torch.empty(num_features, device=device, dtype=dtype).uniform_(

@@ -9,10 +9,14 @@ be torch's BatchNorm bit for bit; in eval it always is.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import pickle
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -26,6 +30,8 @@ from ._reference import (
     FAMILIES,
     KERNEL_TOL,
     LOW_PRECISION,
+    SHAPES,
+    TORCH_BN,
     assert_close,
     assert_same,
     case_id,
@@ -409,6 +415,105 @@ def test_schedule_none_uses_constant_bounds() -> None:
     for step in (0, 10**6):
         layer.num_batches_tracked.fill_(step)
         assert layer.clip_bounds() == (2.5, 0.75)
+
+
+def _scaled_paper_bounds(total: int) -> Callable[[int], tuple[Fraction, Fraction]]:
+    """The paper's bounds with its breakpoints read as fractions of a 100k-step run of ``total`` steps."""
+    warmup, d_steps, r_steps = 5 * total // 100, 25 * total // 100, 40 * total // 100
+
+    def bounds(step: int) -> tuple[Fraction, Fraction]:
+        ramp_r = min(max(Fraction(step - warmup, max(r_steps - warmup, 1)), Fraction(0)), Fraction(1))
+        ramp_d = min(max(Fraction(step - warmup, max(d_steps - warmup, 1)), Fraction(0)), Fraction(1))
+        return 1 + 2 * ramp_r, 5 * ramp_d
+
+    return bounds
+
+
+def test_paper_schedule_object_is_the_paper_schedule_by_default() -> None:
+    for step in BREAKPOINTS:
+        assert nz.PaperSchedule()(step) == NF.paper_renorm_schedule(step)
+    layer, default = nz.BatchRenorm1d(2, schedule=nz.PaperSchedule()), nz.BatchRenorm1d(2)
+    layer.num_batches_tracked.fill_(15_000)
+    default.num_batches_tracked.fill_(15_000)
+    assert layer.clip_bounds() == default.clip_bounds() == NF.paper_renorm_schedule(15_000)
+
+
+@pytest.mark.parametrize("total", [1, 7, 200, 1_000, 12_345, 100_000])
+def test_scaled_paper_schedule_leaves_warmup_early_and_reaches_full_bounds(total: int) -> None:
+    schedule = nz.PaperSchedule(total_steps=total)
+    reference = _scaled_paper_bounds(total)
+    steps = sorted({0, *range(0, total + 1, max(total // 50, 1)), total})
+    for step in steps:
+        r_exact, d_exact = reference(step)
+        r, d = schedule(step)
+        assert r == pytest.approx(float(r_exact), abs=1e-12)
+        assert d == pytest.approx(float(d_exact), abs=1e-12)
+    assert schedule(total) == (3.0, 5.0)  # full bounds well before the end of the run
+    assert schedule(-(-4 * total // 10)) == (3.0, 5.0)  # from 40 % of the run on
+    if total >= 40:
+        assert schedule(total // 10) != (1.0, 0.0)  # out of the warm-up after a tenth of the run
+
+
+def test_scaled_paper_schedule_in_a_layer_against_the_reference() -> None:
+    total = 40
+    layer = randomize_(nz.BatchRenorm2d(3, schedule=nz.PaperSchedule(total))).double()
+    layer.num_batches_tracked.fill_(1)
+    renorm_against_reference(
+        layer, clipping_inputs((2, 3, 2, 3))[:3], _scaled_paper_bounds(total), **REFERENCE_TOL[torch.float64]
+    )
+    assert "schedule=PaperSchedule(total_steps=40)" in repr(layer)
+    layer.num_batches_tracked.fill_(total // 4)  # on a tensor step too (what compiled code sees)
+    r, d = nz.PaperSchedule(total)(layer.num_batches_tracked, 2.0, 1.0)
+    assert (float(r), float(d)) == pytest.approx((1 + 8 / 14, 1.0), rel=1e-6)  # breakpoints 2, 10, 16
+
+
+def test_scaled_paper_schedule_is_a_frozen_picklable_value() -> None:
+    schedule = nz.PaperSchedule(total_steps=np.int64(2_000))
+    assert type(schedule.total_steps) is int
+    assert pickle.loads(pickle.dumps(schedule)) == schedule
+    assert hash(schedule) == hash(nz.PaperSchedule(2_000))
+    assert json.loads(json.dumps(schedule.as_dict())) == {
+        "name": "paper", "total_steps": 2000, "warmup_steps": 100, "d_max_steps": 500, "r_max_steps": 800,
+    }  # fmt: skip
+    assert nz.PaperSchedule().as_dict()["warmup_steps"] == 5_000
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schedule.total_steps = 3  # type: ignore[misc]
+    layer = nz.BatchRenorm2d(3, schedule=schedule)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert clone.schedule == schedule
+    for bad, error in (
+        (0, ValueError),
+        (-5, ValueError),
+        (2.5, TypeError),
+        (True, TypeError),
+        ("10", TypeError),
+    ):
+        with pytest.raises(error, match="PaperSchedule"):
+            nz.PaperSchedule(bad)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_without_running_stats_it_is_torch_batchnorm(ndim: int) -> None:
+    """Nothing to renormalize towards: BatchNorm with batch statistics in training and eval, as torch's."""
+    cls, torch_cls = FAMILIES["renorm"][ndim - 1], TORCH_BN[ndim - 1]
+    shape = SHAPES[ndim][0]
+    ours = randomize_(cls(3, 1e-3, 0.3, True, False, schedule=None, r_max=2.0, d_max=1.0))
+    theirs = torch_cls(3, 1e-3, 0.3, True, False)
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.running_mean is None
+    assert ours.clip_bounds() == (2.0, 1.0)
+    for training in (True, False):
+        for x in make_inputs(shape, 2, seed=5):
+            ours.train(training)
+            theirs.train(training)
+            x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+            y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+            assert_same(y_ours, y_theirs, "output")
+            y_ours.sum().backward()
+            y_theirs.sum().backward()
+            assert_same(x_ours.grad, x_theirs.grad, "input gradient")
+    assert "track_running_stats=False" in repr(ours)
+    assert nz.BatchRenorm2d(3, track_running_stats=False).clip_bounds() == (1.0, 0.0)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
