@@ -206,10 +206,13 @@ def test_scripted_traced_and_compiled_models_are_refused(
 
 
 @pytest.mark.parametrize(("fname", "surgery"), _surgeries())
-def test_ddp_wrapped_models_are_refused(fname: str, surgery: Callable[[nn.Module], object]) -> None:
+def test_ddp_and_fsdp_wrapped_models_are_refused(fname: str, surgery: Callable[[nn.Module], object]) -> None:
     dist = torch.distributed
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(_plain())
@@ -217,6 +220,11 @@ def test_ddp_wrapped_models_are_refused(fname: str, surgery: Callable[[nn.Module
             TypeError, match=rf"{fname}: expected a plain .*DistributedDataParallel.*model\.module"
         ):
             surgery(ddp)
+        sharded = fully_shard(_plain(), mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(
+            TypeError, match=rf"{fname}: expected a plain .*FSDPSequential.*before FSDP wraps it"
+        ):
+            surgery(sharded)
     finally:
         dist.destroy_process_group()
 
