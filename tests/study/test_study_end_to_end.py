@@ -114,6 +114,11 @@ def test_tiny_writes_every_file(tiny_study: tuple[Path, Any]) -> None:
         assert f'src="figures/{png.name}"' in (out / "report.html").read_text()
     assert any(p.name.startswith("diagnostics_baseline") for p in pngs)
     assert (out / "figures" / "walltime.png").is_file()
+    # the reader sees every claim's verdict first: the verdict figure comes before any table
+    first_image = report.index("![")
+    assert report[first_image:].startswith("![every claim's verdict and effect size](figures/claims.png)")
+    assert first_image < report.index("\n| ")
+    assert (out / "figures" / "why_bn.png").is_file()
 
 
 def test_results_json_schema(tiny_study: tuple[Path, Any]) -> None:
