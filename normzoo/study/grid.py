@@ -284,8 +284,8 @@ PRESETS: dict[str, Preset] = {
             "The default: under 10 minutes on a 2-core CPU (two worker processes). On MNIST-1D: the MLP on every "
             "factor, vanilla vs BatchNorm; all four variants (vanilla, BatchNorm, Batch Renormalization, noisy "
             "BN) on the MLP at the baseline, tiny batches (2, 4, 8) and non-i.i.d. batches; the 1-D CNN "
-            "(8-32 channels), vanilla vs BatchNorm, at the baseline and with sigmoid; two seeds; at most 20 "
-            "epochs and 2,000 steps per run.",
+            "(8-32 channels), vanilla vs BatchNorm, at the baseline and with sigmoid; two seeds; at most 15 "
+            "epochs and 1,500 steps per run.",
             blocks=(
                 Block(
                     ("mlp",),
@@ -302,8 +302,8 @@ PRESETS: dict[str, Preset] = {
                 Block(("cnn",), ("vanilla", "batchnorm"), ("baseline", "activation:sigmoid")),
             ),
             seeds=(0, 1),
-            max_epochs=20,
-            max_steps=2000,
+            max_epochs=15,
+            max_steps=1500,
             diagnostics=("baseline", "activation:sigmoid"),
             model_kwargs={"cnn": {"channels": (8, 8, 16, 16, 32, 32)}},
         ),

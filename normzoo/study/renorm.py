@@ -1,10 +1,8 @@
-"""Batch Renormalization in a study-length run: the paper's schedule scaled to the run, and proof that it acted.
+"""Proof that Batch Renormalization acted in a study run: how far its ``r`` and ``d`` corrected.
 
-Ioffe (2017) trains with plain BatchNorm for 5,000 steps, then relaxes ``r_max`` linearly to 3 (reached at
-40,000 steps) and ``d_max`` to 5 (reached at 25,000). A study run takes a few thousand steps, so with those
-numbers Batch Renormalization never leaves its warm-up and is BatchNorm bit for bit. :class:`ScaledPaperSchedule`
-keeps the paper's anchors in ratio (5 : 25 : 40) and puts the 40k-step point at half of the run, so that the
-second half trains at the full bounds.
+The study builds its Batch Renormalization layers with :class:`normzoo.PaperSchedule` scaled to the number
+of steps each run will take (:func:`normzoo.study.runner.renorm_schedule`); with the paper's absolute
+schedule a run of a few thousand steps never leaves the 5,000-step warm-up and is BatchNorm bit for bit.
 
 :class:`RenormActivity` records what the correction did: at sampled training steps, for every Batch
 Renormalization layer, ``r`` and ``d`` are recomputed from the layer's input with the public pieces
@@ -13,17 +11,19 @@ Renormalization layer, ``r`` and ``d`` are recomputed from the layer's input wit
 ``d`` sits at a clip bound, and the mean ``|r - 1|`` and ``|d|`` (zero while the layer is BatchNorm).
 
 Example:
-    >>> schedule = ScaledPaperSchedule(total_steps=8_000)
-    >>> schedule.warmup_steps, schedule.d_max_steps, schedule.r_max_steps
-    (500, 2500, 4000)
-    >>> [tuple(round(float(v), 2) for v in schedule(step)) for step in (0, 500, 2_500, 4_000, 8_000)]
-    [(1.0, 0.0), (1.0, 0.0), (2.14, 5.0), (3.0, 5.0), (3.0, 5.0)]
+    >>> import torch, normzoo
+    >>> layer = normzoo.BatchRenorm1d(3, schedule=normzoo.PaperSchedule(total_steps=100))
+    >>> probe = RenormActivity(every_n_steps=1)
+    >>> handle = layer.register_forward_pre_hook(probe._hook("bn"))
+    >>> probe._pending = {}
+    >>> _ = layer(torch.randn(8, 3))
+    >>> probe._pending["bn"]["r_max"], probe._pending["bn"]["mean_abs_d"]   # step 0: still BatchNorm
+    (1.0, 0.0)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -33,60 +33,7 @@ from torch import Tensor, nn
 from normzoo import functional as NF
 from normzoo.layers.renorm import _BatchRenorm
 
-__all__ = ["PAPER_ANCHORS", "RenormActivity", "ScaledPaperSchedule", "summarize_activity"]
-
-#: The paper's schedule in steps: warm-up ends, d_max reached, r_max reached (Ioffe 2017, section 5).
-PAPER_ANCHORS = (NF.PAPER_WARMUP_STEPS, NF.PAPER_D_MAX_STEPS, NF.PAPER_R_MAX_STEPS)
-
-
-@dataclass(frozen=True)
-class ScaledPaperSchedule:
-    """The paper's schedule with its 40k-step point at half of a run of ``total_steps`` optimizer steps.
-
-    A callable ``step -> (r_max, d_max)`` for ``BatchRenorm*d(schedule=...)``; picklable, so a model built
-    with it can be sent to a worker process.
-    """
-
-    total_steps: int
-    r_max: float = 3.0
-    d_max: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.total_steps < 1:
-            raise ValueError(f"ScaledPaperSchedule: expected total_steps >= 1, got {self.total_steps}")
-
-    @property
-    def _scale(self) -> float:
-        return self.total_steps / 2 / PAPER_ANCHORS[2]
-
-    @property
-    def warmup_steps(self) -> int:
-        return round(PAPER_ANCHORS[0] * self._scale)
-
-    @property
-    def d_max_steps(self) -> int:
-        return round(PAPER_ANCHORS[1] * self._scale)
-
-    @property
-    def r_max_steps(self) -> int:
-        return round(PAPER_ANCHORS[2] * self._scale)
-
-    def __call__(self, step: int | Tensor) -> tuple[Any, Any]:
-        return NF.paper_renorm_schedule(
-            step, self.r_max, self.d_max, self.warmup_steps, self.r_max_steps, self.d_max_steps
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """The schedule as ``results.json`` records it."""
-        return {
-            "kind": "paper, scaled to the run (anchors 5k : 25k : 40k kept in ratio, 40k at half the run)",
-            "total_steps": self.total_steps,
-            "warmup_steps": self.warmup_steps,
-            "d_max_steps": self.d_max_steps,
-            "r_max_steps": self.r_max_steps,
-            "r_max": self.r_max,
-            "d_max": self.d_max,
-        }
+__all__ = ["RenormActivity", "summarize_activity"]
 
 
 def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,7 +110,7 @@ class RenormActivity(L.Callback):
 
 
 def summarize_activity(history: list[dict[str, Any]], warmup_steps: int) -> dict[str, dict[str, float]]:
-    """Per layer, the means over the samples taken after the warm-up of :class:`RenormActivity`'s measures.
+    """Per layer, the means of :class:`RenormActivity`'s measures over the samples after the warm-up's last step.
 
     Example:
         >>> h = [{"step": s, "layers": {"norm1": {"r_at_bound": 0.5, "d_at_bound": 0.0,
@@ -171,7 +118,7 @@ def summarize_activity(history: list[dict[str, Any]], warmup_steps: int) -> dict
         >>> summarize_activity(h, warmup_steps=5)["norm1"]["mean_abs_d"]
         0.1
     """
-    after = [h for h in history if h["step"] >= warmup_steps]
+    after = [h for h in history if h["step"] > warmup_steps]
     out: dict[str, dict[str, float]] = {}
     for entry in after:
         for layer, values in entry["layers"].items():

@@ -75,7 +75,7 @@ def run_identity(spec: RunSpec, config: StudyConfig) -> dict[str, Any]:
         "accelerator": _accelerator_name(config.accelerator),
         "diagnostics": spec.diagnostics,
         # how Batch Renormalization's schedule is derived (see normzoo.study.renorm)
-        "renorm_schedule": "paper scaled, 40k at half the run" if spec.variant == "renorm" else None,
+        "renorm_schedule": "paper, scaled to the run (5/25/40 %)" if spec.variant == "renorm" else None,
     }
 
 
@@ -383,9 +383,9 @@ def planned_steps(spec: RunSpec, config: StudyConfig, n_train: int) -> int:
 
 def renorm_schedule(spec: RunSpec, config: StudyConfig, n_train: int) -> Any:
     """The Batch Renormalization schedule of ``spec``: the paper's, scaled to the run's planned steps."""
-    from .renorm import ScaledPaperSchedule
+    from normzoo import PaperSchedule
 
-    return ScaledPaperSchedule(total_steps=max(1, planned_steps(spec, config, n_train)))
+    return PaperSchedule(total_steps=max(1, planned_steps(spec, config, n_train)))
 
 
 def _build_model(spec: RunSpec, config: StudyConfig, dm: Any, schedule: Any = None) -> nn.Module:
@@ -520,7 +520,7 @@ def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> di
     if schedule is not None:
         from .renorm import RenormActivity
 
-        activity = RenormActivity(every_n_steps=max(1, schedule.total_steps // 200))
+        activity = RenormActivity(every_n_steps=max(1, int(schedule.total_steps) // 200))
         diagnostics.append(activity)
     early = EarlyStopping(monitor="val/loss", mode="min", patience=r.early_stop_patience, check_finite=True)
     accelerator = _accelerator_name(config.accelerator)
@@ -646,9 +646,10 @@ def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> di
         "renorm": None
         if schedule is None or activity is None
         else {
-            "schedule": schedule.as_dict(),
+            # the layers' defaults: r_max 3 and d_max 5, reached at the schedule's breakpoints
+            "schedule": {**schedule.as_dict(), "r_max": 3.0, "d_max": 5.0},
             "activity": _jsonable(activity.history),
-            "after_warmup": _jsonable(summarize_activity(activity.history, schedule.warmup_steps)),
+            "after_warmup": _jsonable(summarize_activity(activity.history, schedule.breakpoints[0])),
         },
     }
     return record

@@ -309,29 +309,34 @@ def overhead_table(records: Iterable[Record], measure: str | None = None) -> lis
         >>> row["batch_size"], row["measure"], round(row["overhead"]["batchnorm"], 2)
         (64, 'wall', 0.2)
     """
+    import pandas as pd
+
     used = [r for r in records if r["experiment"] in ("baseline", "batch_size")]
     measure = measure or time_measure(used)
     field_name = "epoch_cpu_time_s" if measure == "cpu" else "epoch_time_s"
-    table = cells(used)
-    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for (dataset, _exp, _level, model, variant), cell in table.items():
-        sizes = {int((r.get("recipe") or {}).get("batch_size", 0)) for r in cell.runs}
-        if len(sizes) != 1:
-            continue
-        bs = sizes.pop()
-        row = rows.setdefault(
-            (dataset, model, bs),
-            {"dataset": dataset, "model": model, "batch_size": bs, "time": {}, "measure": measure},
-        )
-        t = cell.mean(field_name)
-        if not math.isnan(t):
-            row["time"][variant] = t
+    frame = pd.DataFrame(
+        {
+            "dataset": str(r["dataset"]),
+            "model": str(r["model"]),
+            "variant": str(r["variant"]),
+            "batch_size": int((r.get("recipe") or {}).get("batch_size", 0)),
+            "time": pd.to_numeric(r.get(field_name), errors="coerce"),
+        }
+        for r in used
+    )
+    if frame.empty:
+        return []
+    # mean over seeds, the same finite-only mean as everywhere in the study (pandas skips NaN)
+    times = frame.groupby(["dataset", "model", "batch_size", "variant"])["time"].mean().unstack("variant")
     out = []
-    for key in sorted(rows):
-        row = rows[key]
-        base = row["time"].get("vanilla")
-        row["overhead"] = {v: (t / base - 1.0) for v, t in row["time"].items() if v != "vanilla" and base}
-        out.append(row)
+    for (dataset, model, bs), row in times.iterrows():
+        time = {str(v): float(t) for v, t in row.items() if pd.notna(t)}
+        base = time.get("vanilla")
+        overhead = {v: t / base - 1.0 for v, t in time.items() if v != "vanilla" and base}
+        out.append(
+            {"dataset": dataset, "model": model, "batch_size": int(bs), "time": time, "measure": measure,
+             "overhead": overhead}
+        )  # fmt: skip
     return out
 
 

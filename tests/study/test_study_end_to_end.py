@@ -114,6 +114,11 @@ def test_tiny_writes_every_file(tiny_study: tuple[Path, Any]) -> None:
         assert f'src="figures/{png.name}"' in (out / "report.html").read_text()
     assert any(p.name.startswith("diagnostics_baseline") for p in pngs)
     assert (out / "figures" / "walltime.png").is_file()
+    # the reader sees every claim's verdict first: the verdict figure comes before any table
+    first_image = report.index("![")
+    assert report[first_image:].startswith("![every claim's verdict and effect size](figures/claims.png)")
+    assert first_image < report.index("\n| ")
+    assert (out / "figures" / "why_bn.png").is_file()
 
 
 def test_results_json_schema(tiny_study: tuple[Path, Any]) -> None:
@@ -444,14 +449,14 @@ def test_renorm_differs_from_batchnorm_once_the_scaled_warmup_ends(tiny_study: t
             for v in ("batchnorm", "renorm")
         )
         schedule = rn["renorm"]["schedule"]
-        # 12 steps: the paper's 5k : 25k : 40k anchors scaled so that 40k falls at step 6
-        assert (schedule["total_steps"], schedule["r_max_steps"], schedule["d_max_steps"]) == (12, 6, 4)
-        assert schedule["warmup_steps"] == 1
+        # 12 steps: normzoo.PaperSchedule(total_steps=12), the breakpoints at 5 %, 25 % and 40 % of the run
+        assert (schedule["total_steps"], schedule["r_max_steps"], schedule["d_max_steps"]) == (12, 4, 3)
+        assert (schedule["warmup_steps"], schedule["r_max"], schedule["d_max"]) == (0, 3.0, 5.0)
         # the same initialization and batches: the first epoch's first step is BatchNorm's, then they differ
         assert rn["history"][-1]["train_loss"] != bn["history"][-1]["train_loss"]
         assert rn["test_acc"] is not None
         activity = rn["renorm"]["activity"]
-        warm = [a for a in activity if a["step"] < schedule["warmup_steps"]]
+        warm = [a for a in activity if a["step"] <= schedule["warmup_steps"]]
         after = [a for a in activity if a["step"] >= schedule["r_max_steps"]]
         assert warm
         assert after
