@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.fx import Proxy, Tracer
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import functional as NF
@@ -294,6 +295,14 @@ class BatchNormBase(SyncMixin, NormBase):
             self._warn_training_pass("a training step with momentum=1, as PreciseBN takes")
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average, as torch
+            if torch.jit.is_tracing():
+                warnings.warn(
+                    f"{type(self).__name__}: torch.jit.trace records momentum=None's cumulative-average "
+                    "factor 1/num_batches_tracked as a constant of the traced step (torch's BatchNorm does the "
+                    "same), so the traced module's running statistics are wrong at every other step; give "
+                    "the layer a float momentum, or use torch.compile or torch.export",
+                    stacklevel=2,
+                )
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
@@ -308,8 +317,42 @@ class BatchNormBase(SyncMixin, NormBase):
         return None, None
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            return self._fx_leaf(input)
         self._check_input(input)
         return self._normalize(input)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise RuntimeError(
+            f"{type(self).__name__}: torch.jit.script is not supported (TorchScript is deprecated in torch, and "
+            "cannot express this layer's schedule, noise or synchronization); use torch.compile or "
+            "torch.export, or torch.jit.trace. To script a model for inference, swap the layers for torch's "
+            "first: normzoo.replace_bn(model, 'torch') keeps the eval outputs."
+        )
+
+    def _fx_leaf(self, input: Proxy) -> Proxy:
+        """Under ``torch.fx`` symbolic tracing, record this layer as one ``call_module`` node (a leaf).
+
+        fx treats torch's own modules as leaves (by their ``__module__``) and traces through any other;
+        tracing through this ``forward`` would run its step counting and schedule once, at trace time, and
+        bake the result into the graph. As a leaf, the traced ``GraphModule`` calls the layer itself, so it
+        computes and updates exactly what the layer does, for every fx tracer.
+        """
+        tracer = input.tracer
+        if not isinstance(tracer, Tracer):
+            raise RuntimeError(
+                f"{type(self).__name__}: traced by {type(tracer).__name__}, which is not a torch.fx.Tracer; "
+                "normzoo layers are recorded as call_module leaves by torch.fx.Tracer and its subclasses"
+            )
+        path = tracer.path_of_module(self)
+        if not path:
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.fx cannot trace a normzoo layer as the root module (its "
+                "forward updates state and is recorded as one call); trace a model that contains it, "
+                "e.g. torch.fx.symbolic_trace(torch.nn.Sequential(layer))"
+            )
+        return tracer.create_proxy("call_module", path, (input,), {})
 
     def _normalize(self, input: Tensor) -> Tensor:
         """The family's computation; calls :meth:`_average_factor` once per forward."""

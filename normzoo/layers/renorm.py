@@ -196,10 +196,11 @@ class _BatchRenorm(BatchNormBase):
             return 1.0, 0.0
         if schedule == "paper" or isinstance(schedule, PaperSchedule):
             paper = PAPER_SCHEDULE if isinstance(schedule, str) else schedule
-            if step.device.type == "cpu" and not torch.compiler.is_compiling():
+            if step.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
                 # Reading a CPU step costs nothing; float bounds let the warm-up take BatchNorm's own kernel.
                 return paper(int(step), self.r_max, self.d_max)
-            # Elsewhere bounds stay on the device: no host synchronization, no graph break.
+            # Elsewhere bounds stay tensors computed from the step: no host synchronization, no graph break,
+            # and a torch.jit.trace records the schedule instead of freezing the bounds of the traced step.
             return paper(step, self.r_max, self.d_max)
         assert callable(schedule)
         return self._checked_bounds(schedule(step))
@@ -218,8 +219,12 @@ class _BatchRenorm(BatchNormBase):
                         f"{name}: expected the schedule's bounds to be numbers or 1-element tensors, got a "
                         f"tensor of shape {tuple(value.shape)}"
                     )
-                # Device bounds are left unchecked: reading them would synchronize with the device each step.
-                values.append(float(value) if value.device.type == "cpu" else None)
+                # Device bounds are left unchecked (reading them would synchronize with the device at each
+                # step), and so are bounds being captured by torch.compile or torch.jit.trace.
+                readable = value.device.type == "cpu" and not (
+                    torch.compiler.is_compiling() or torch.jit.is_tracing()
+                )
+                values.append(float(value) if readable else None)
             else:
                 values.append(float(value))
         r, d = values
