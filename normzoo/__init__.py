@@ -7,7 +7,7 @@ Example:
     torch.Size([4, 8, 5, 5])
 """
 
-from . import functional
+from . import functional, integrations
 from .__version__ import __version__
 from .layers import (
     BatchNorm1d,
@@ -55,6 +55,7 @@ __all__ = [
     "fuse_bn",
     "get_norm_layer",
     "insert_bn",
+    "integrations",
     "is_batch_norm",
     "recompute_bn_stats",
     "remove_bn",

@@ -171,6 +171,9 @@ class BatchNormBase(SyncMixin, NormBase):
     _input_dims: ClassVar[tuple[int, ...]] = ()
     #: Human-readable expected shapes for error messages, e.g. ``"(N, C) or (N, C, L)"``.
     _input_shapes: ClassVar[str] = ""
+    #: Why the family's population statistics cannot be re-estimated by running the model in training mode
+    #: (``torch.optim.swa_utils.update_bn``, PreciseBN), or ``None`` where they can (see docs/ecosystem.md).
+    _training_pass_caveat: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -261,11 +264,35 @@ class BatchNormBase(SyncMixin, NormBase):
                     f"{reference.dtype})), or run under torch.autocast for mixed precision"
                 )
 
+    def reset_parameters(self) -> None:
+        # A full re-initialization (also after to_empty, whose step count is garbage) restarts on purpose.
+        _TorchBatchNorm.reset_running_stats(self)
+        super().reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        counted = self.num_batches_tracked
+        if counted is not None and counted.device.type != "meta" and int(counted) > 0:
+            self._warn_training_pass("reset_running_stats() after training, as update_bn calls it")
+        super().reset_running_stats()
+
+    def _warn_training_pass(self, got: str) -> None:
+        """Warn where a re-estimation of population statistics in training mode would be wrong for the family."""
+        if self._training_pass_caveat is not None:
+            warnings.warn(
+                f"{type(self).__name__}: expected population statistics from normzoo.recompute_bn_stats(model, "
+                f"loader), got {got} (torch.optim.swa_utils.update_bn, PreciseBN): "
+                f"{self._training_pass_caveat}",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _average_factor(self) -> float:
         """Counts this training step and returns the weight of its statistics in the running ones."""
         if not (self.training and self.track_running_stats):
             return 0.0 if self.momentum is None else self.momentum
         assert self.num_batches_tracked is not None
+        if self.momentum == 1.0:  # running statistics = this batch's: PreciseBN's setting
+            self._warn_training_pass("a training step with momentum=1, as PreciseBN takes")
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average, as torch
             if torch.jit.is_tracing():

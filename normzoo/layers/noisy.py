@@ -59,6 +59,8 @@ class _NoisyBatchNorm(BatchNormBase):
         generator: the random generator for the noise (on the layer's device); ``None`` for torch's global one.
     """
 
+    _training_pass_caveat = "the training noise would enter the statistics of every later layer"
+
     def __init__(
         self,
         num_features: int,

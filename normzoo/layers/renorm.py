@@ -131,6 +131,11 @@ class _BatchRenorm(BatchNormBase):
             ``num_batches_tracked`` before this step (a 0-dim tensor).
     """
 
+    _training_pass_caveat = (
+        "the clip-bound schedule counts num_batches_tracked, which update_bn restarts and PreciseBN advances, "
+        "and the r/d corrections against statistics being rebuilt change every later layer's inputs"
+    )
+
     def __init__(
         self,
         num_features: int,

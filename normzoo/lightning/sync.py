@@ -1,13 +1,13 @@
 """NormSync: Lightning's layer-synchronization plugin for normzoo, torch and timm batch-normalization layers.
 
 ``Trainer(sync_batchnorm=True)`` makes Lightning use its ``TorchSyncBatchNorm`` plugin, which calls
-``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. That converter only knows subclasses of torch's
-``_BatchNorm``: normzoo's layers are not, so they stay unsynchronized without a word; timm's
-``BatchNormAct2d`` becomes a plain ``SyncBatchNorm`` whose ``forward`` never calls the ``drop`` and ``act``
-it still holds, so the activation silently disappears; and torch's ``SyncBatchNorm`` raises on CPU tensors
-in training, so DDP on CPU (gloo) fails. :class:`NormSync` applies :func:`normzoo.surgery.sync.convert_sync`
-instead, which synchronizes all three kinds in their own kind, on any backend, and reverts with
-:func:`normzoo.surgery.sync.revert_sync` when fitting ends.
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. Since normzoo wraps that converter when imported (see
+:mod:`normzoo.integrations.sync_batchnorm`), normzoo's layers keep their kind there too; but torch's and
+timm's layers become ``torch.nn.SyncBatchNorm``, which raises on CPU tensors in training (so DDP on CPU with
+gloo fails) and, for timm's ``BatchNormAct2d``, silently skips the ``drop`` and ``act`` it still holds; and
+Lightning's ``revert`` leaves normzoo's layers synchronized. :class:`NormSync` applies
+:func:`normzoo.surgery.sync.convert_sync` instead, which synchronizes all of them in their own kind, on any
+backend, and reverts with :func:`normzoo.surgery.sync.revert_sync` when fitting ends.
 
 Use ``Trainer(strategy="ddp", plugins=[NormSync()])``. ``NormSync`` subclasses ``TorchSyncBatchNorm`` so
 that a configuration that also sets ``sync_batchnorm=True`` is accepted (Lightning refuses any other

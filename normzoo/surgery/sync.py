@@ -16,8 +16,12 @@ on the W·n samples (see :func:`normzoo.functional.sync_batch_norm` and ``docs/d
   eval and single-process training run torch's own ``forward`` untouched. Unlike ``torch.nn.SyncBatchNorm``
   (whose ``forward`` raises on CPU tensors once ``torch.distributed`` is initialized), they synchronize on
   any backend: gloo on CPU as well as NCCL on GPU.
-- timm's ``BatchNormAct2d`` becomes ``SyncedBatchNormAct2d`` the same way, keeping its ``drop`` and ``act``
-  (torch's converter turns it into a plain ``SyncBatchNorm`` that silently skips its activation).
+- Any other BatchNorm class with a synchronized counterpart in the registry (:func:`register_synced_class`)
+  switches the same way. The timm integration registers timm's ``BatchNormAct2d`` (its synchronized class,
+  in :mod:`normzoo.integrations.timm`, keeps ``drop`` and ``act``; torch's converter turns it into a plain
+  ``SyncBatchNorm`` that silently skips its activation). That registration is by name and imports the
+  integration the first time a model holding the timm class is converted, so the result never depends on
+  what was imported before.
 - Other subclasses of torch's ``_BatchNorm`` (their ``forward`` is their own, so no generic change can
   synchronize it) are left as they are, with a warning that names them; ``nn.SyncBatchNorm`` is left as it
   is (it synchronizes already, on CUDA).
@@ -28,8 +32,7 @@ accumulated statistics over the processes in one collective, for population stat
 
 from __future__ import annotations
 
-import copy
-import sys
+import importlib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
@@ -43,6 +46,7 @@ from torch.nn.parameter import is_lazy
 from .. import functional as NF
 from ..layers import BatchNormBase
 from ..layers._base import SyncMixin
+from ._common import check_model, copy_model
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -54,7 +58,9 @@ __all__ = [
     "all_reduce_stat_sums",
     "convert_sync",
     "is_synced",
+    "register_synced_class",
     "revert_sync",
+    "synced_class",
 ]
 
 M = TypeVar("M", bound=nn.Module)
@@ -126,24 +132,77 @@ class SyncedBatchNorm3d(SyncedTorchBatchNorm, nn.BatchNorm3d):
     unsynced_class = nn.BatchNorm3d
 
 
-_TORCH_SYNCED: dict[type[nn.Module], type[SyncedTorchBatchNorm]] = {
-    nn.BatchNorm1d: SyncedBatchNorm1d,
-    nn.BatchNorm2d: SyncedBatchNorm2d,
-    nn.BatchNorm3d: SyncedBatchNorm3d,
-}
+#: The synchronized class of each torch (or third-party) BatchNorm class, keyed by the class's qualified name;
+#: a value is the class or, for an integration not imported yet, the ``"module:Class"`` path to import it from.
+_SYNCED_CLASSES: dict[str, type[SyncedTorchBatchNorm] | str] = {}
 
 
-def _synced_classes() -> dict[type[nn.Module], type[SyncedTorchBatchNorm]]:
-    """torch's classes and, when timm is imported (a model holding timm layers has imported it), timm's."""
-    classes = dict(_TORCH_SYNCED)
-    if "timm" in sys.modules:
-        try:
-            from ._sync_timm import SYNCED_TIMM_CLASSES
-        except ImportError:  # a timm without the layers we know: nothing of it to convert
-            pass
-        else:
-            classes.update(SYNCED_TIMM_CLASSES)
-    return classes
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_synced_class(unsynced: type[nn.Module] | str, synced: type[SyncedTorchBatchNorm] | str) -> None:
+    """Tell :func:`convert_sync` which synchronized class a BatchNorm class becomes.
+
+    ``synced`` must subclass both :class:`SyncedTorchBatchNorm` and ``unsynced``, and name ``unsynced`` as its
+    :attr:`~SyncedTorchBatchNorm.unsynced_class` (what :func:`revert_sync` switches back to). Either may be
+    given as a path instead, so that an integration can register a package's class without importing that
+    package: ``unsynced`` as the class's qualified name (``"timm.layers.norm_act.BatchNormAct2d"``) and
+    ``synced`` as ``"module:Class"``, imported the first time :func:`convert_sync` meets an ``unsynced``
+    (whose package is then imported already). Registering a class again replaces its entry.
+
+    Example:
+        >>> class MyBatchNorm(nn.BatchNorm1d):
+        ...     pass
+        >>> class SyncedMyBatchNorm(SyncedTorchBatchNorm, MyBatchNorm):
+        ...     unsynced_class = MyBatchNorm
+        >>> register_synced_class(MyBatchNorm, SyncedMyBatchNorm)
+        >>> type(convert_sync(MyBatchNorm(3))).__name__
+        'SyncedMyBatchNorm'
+    """
+    if isinstance(synced, type):
+        _check_synced_class(synced, unsynced if isinstance(unsynced, type) else None)
+    key = unsynced if isinstance(unsynced, str) else _qualified_name(unsynced)
+    _SYNCED_CLASSES[key] = synced
+
+
+def _check_synced_class(synced: type, unsynced: type | None) -> None:
+    name = f"register_synced_class: {synced.__qualname__}"
+    if not issubclass(synced, SyncedTorchBatchNorm):
+        raise TypeError(f"{name}: expected a subclass of SyncedTorchBatchNorm, got bases {synced.__bases__}")
+    if unsynced is not None and not (issubclass(synced, unsynced) and synced.unsynced_class is unsynced):
+        raise TypeError(
+            f"{name}: expected a subclass of {unsynced.__qualname__} with unsynced_class = "
+            f"{unsynced.__qualname__}, got unsynced_class = {getattr(synced, 'unsynced_class', None)!r}"
+        )
+
+
+def synced_class(cls: type[nn.Module]) -> type[SyncedTorchBatchNorm] | None:
+    """The synchronized class that :func:`convert_sync` switches an instance of exactly ``cls`` to, or ``None``.
+
+    Example:
+        >>> synced_class(nn.BatchNorm2d).__name__, synced_class(nn.LayerNorm)
+        ('SyncedBatchNorm2d', None)
+    """
+    entry = _SYNCED_CLASSES.get(_qualified_name(cls))
+    if entry is None:
+        return None
+    if isinstance(entry, str):  # a lazy registration: import the integration that defines the class
+        module_name, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module_name), attr)
+        assert isinstance(entry, type)
+        _check_synced_class(entry, None)
+        _SYNCED_CLASSES[_qualified_name(cls)] = entry
+    # The same qualified name may belong to another class (a reloaded module, a local class): not ours.
+    return entry if entry.unsynced_class is cls else None
+
+
+for _torch_class, _synced in (
+    (nn.BatchNorm1d, SyncedBatchNorm1d),
+    (nn.BatchNorm2d, SyncedBatchNorm2d),
+    (nn.BatchNorm3d, SyncedBatchNorm3d),
+):
+    register_synced_class(_torch_class, _synced)
 
 
 def is_synced(module: nn.Module) -> bool:
@@ -155,11 +214,6 @@ def is_synced(module: nn.Module) -> bool:
         (False, True)
     """
     return isinstance(module, SyncMixin) and bool(module.sync)
-
-
-def _check_model(model: object, fname: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fname} expects a torch.nn.Module, got {type(model).__name__}")
 
 
 def convert_sync(model: M, process_group: ProcessGroup | None = None, *, inplace: bool = False) -> M:
@@ -190,10 +244,8 @@ def convert_sync(model: M, process_group: ProcessGroup | None = None, *, inplace
         >>> [type(m).__name__ for m in revert_sync(synced)]
         ['Conv2d', 'BatchNorm2d', 'BatchRenorm2d']
     """
-    _check_model(model, "convert_sync")
-    if not inplace:
-        model = copy.deepcopy(model)
-    synced_classes = _synced_classes()
+    check_model(model, "convert_sync")
+    model = copy_model(model, inplace, "convert_sync")
     skipped: list[str] = []
     lazy = False
     for name, module in model.named_modules(remove_duplicate=True):
@@ -203,8 +255,8 @@ def convert_sync(model: M, process_group: ProcessGroup | None = None, *, inplace
             module.process_group = process_group
         elif isinstance(module, SyncedTorchBatchNorm):
             module.process_group = process_group
-        elif type(module) in synced_classes:
-            module.__class__ = synced_classes[type(module)]
+        elif (synced := synced_class(type(module))) is not None:
+            module.__class__ = synced
             assert isinstance(module, SyncedTorchBatchNorm)
             module.process_group = process_group
         elif isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
@@ -241,9 +293,8 @@ def revert_sync(model: M, *, inplace: bool = False) -> M:
         >>> type(layer) is nn.BatchNorm3d
         True
     """
-    _check_model(model, "revert_sync")
-    if not inplace:
-        model = copy.deepcopy(model)
+    check_model(model, "revert_sync")
+    model = copy_model(model, inplace, "revert_sync")
     for module in model.modules():
         if isinstance(module, BatchNormBase):
             module.sync = False

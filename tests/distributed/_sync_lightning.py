@@ -14,9 +14,12 @@ import normzoo as nz
 
 class SyncedZoo(pl.LightningModule):
     """normzoo layers of every kind and a torch BatchNorm2d; at the end of training each rank saves the
-    layers' kinds, flags and running statistics (those of every rank, gathered) to ``out_dir``."""
+    layers' kinds, flags and running statistics (those of every rank, gathered) to ``out_dir``.
 
-    def __init__(self, out_dir: str) -> None:
+    ``torch_bn=False`` replaces the torch BatchNorm2d by an identity, for runs with torch's converter
+    (``sync_batchnorm=True``), whose ``SyncBatchNorm`` refuses CPU tensors."""
+
+    def __init__(self, out_dir: str, torch_bn: bool = True) -> None:
         super().__init__()
         self.out_dir = out_dir
         torch.manual_seed(0)
@@ -25,7 +28,7 @@ class SyncedZoo(pl.LightningModule):
             nz.BatchRenorm2d(4, r_max=1.5, d_max=0.5, schedule=None),
             nn.ReLU(),
             nz.BatchNorm2d(4),
-            nn.BatchNorm2d(4),
+            nn.BatchNorm2d(4) if torch_bn else nn.Identity(),
             nz.NoisyBatchNorm2d(4),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),

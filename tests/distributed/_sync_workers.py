@@ -14,6 +14,7 @@ gradients (summed over ranks, as data parallelism sums them), running statistics
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import os
@@ -198,8 +199,14 @@ def _renorm_clips(layer: nn.Module, x: Tensor) -> bool:
     return bool(((r - r_max).abs() < 1e-6).any() and ((d.abs() - d_max).abs() < 1e-6).any())
 
 
-def run_case(case: Case, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
-    """The synchronized layer on this rank's rows against the reference on the whole batch."""
+def run_case(
+    case: Case, rank: int, world_size: int, device: torch.device, converter: str = "normzoo"
+) -> dict[str, Any]:
+    """The synchronized layer on this rank's rows against the reference on the whole batch.
+
+    ``converter`` is ``"normzoo"`` (:func:`normzoo.convert_sync`) or ``"torch"``
+    (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, which keeps normzoo layers' kind once normzoo is imported).
+    """
     channels = 3
     gen = torch.Generator().manual_seed(1234)
     reference = _make_layer(case, channels).to(device)
@@ -209,7 +216,10 @@ def run_case(case: Case, rank: int, world_size: int, device: torch.device) -> di
         if getattr(reference, "running_mean", None) is not None and case.family == "renorm":
             reference.running_mean.fill_(-4.0)  # far below the batch mean (3): d clips at +d_max
             reference.running_var.fill_(0.05)  # far below the batch variance (4): r clips at r_max
-    synced = convert_sync(reference)  # a deep copy, synchronized over the default group
+    if converter == "torch":
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(reference))
+    else:
+        synced = convert_sync(reference)  # a deep copy, synchronized over the default group
     sizes = case.sizes
     offset, total = sum(sizes[:rank]), sum(sizes)
     rows = slice(offset, offset + sizes[rank])
@@ -255,14 +265,16 @@ def run_case(case: Case, rank: int, world_size: int, device: torch.device) -> di
     return {"diffs": diffs, "renorm_clipped": clipped, "kinds": kinds, "dtype": str(case.dtype)}
 
 
-def math_worker(rank: int, world_size: int, cases: tuple[Case, ...], device_kind: str) -> dict[str, Any]:
+def math_worker(
+    rank: int, world_size: int, cases: tuple[Case, ...], device_kind: str, converter: str = "normzoo"
+) -> dict[str, Any]:
     """Run every case on this rank: on the CPU, or on GPU ``rank % device_count`` for ``device_kind="cuda"``."""
     if device_kind == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return {case.name: run_case(case, rank, world_size, device) for case in cases}
+    return {case.name: run_case(case, rank, world_size, device, converter) for case in cases}
 
 
 def available_cases(device_kind: str = "cpu") -> tuple[Case, ...]:

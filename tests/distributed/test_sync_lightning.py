@@ -98,6 +98,33 @@ def test_normsync_in_a_ddp_run_keeps_normzoo_layers_and_agrees_across_ranks(
     assert os.path.exists(tmp_path / "lightning-rank0.pt")
 
 
+@pytest.mark.skipif("fork" not in torch.multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_sync_batchnorm_flag_keeps_normzoo_kinds_in_a_ddp_run(tmp_path: Path) -> None:
+    """``sync_batchnorm=True`` (Lightning's TorchSyncBatchNorm, torch's converter as normzoo wraps it)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("this process has initialized CUDA, so Lightning cannot fork it")
+    trainer = pl.Trainer(
+        strategy="ddp_fork",
+        accelerator="cpu",
+        devices=2,
+        sync_batchnorm=True,
+        max_epochs=1,
+        limit_train_batches=3,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        default_root_dir=tmp_path,
+    )
+    assert type(trainer.strategy._layer_sync) is TorchSyncBatchNorm
+    trainer.fit(SyncedZoo(str(tmp_path), torch_bn=False), _data())
+    for r in [torch.load(tmp_path / f"lightning-rank{r}.pt", weights_only=False) for r in range(2)]:
+        assert r["kinds"] == ["BatchRenorm2d", "BatchNorm2d", "NoisyBatchNorm2d"]
+        assert r["synced"] == [True, True, True]
+        stats0, stats1 = r["stats"]
+        torch.testing.assert_close(stats0, stats1, rtol=0, atol=0)  # synchronized: equal on both ranks
+
+
 def test_normsync_is_the_layer_sync_lightning_uses(tmp_path: Path) -> None:
     plugin = NormSync()
     assert isinstance(plugin, LayerSync)

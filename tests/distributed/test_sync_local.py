@@ -346,22 +346,33 @@ def test_convert_sync_warns_about_what_it_cannot_synchronize() -> None:
 
 
 def test_convert_sync_rejects_a_non_module() -> None:
-    with pytest.raises(TypeError, match=r"convert_sync expects a torch\.nn\.Module, got str"):
+    with pytest.raises(TypeError, match=r"convert_sync: expected a torch\.nn\.Module, got str"):
         convert_sync("model")  # type: ignore[type-var]
 
 
-# --- what torch's converter (Lightning's sync_batchnorm=True) does instead ------------------------------
+# --- torch's converter (Lightning's sync_batchnorm=True), as normzoo wraps it ------------------------------
 
 
-def test_torch_converter_skips_normzoo_and_demotes_timm(group1: None) -> None:
+def test_torch_converter_keeps_normzoo_kinds_and_demotes_timm(group1: None) -> None:
     timm_layers = pytest.importorskip("timm.layers")
     model = nn.Sequential(
-        nz.BatchRenorm2d(3), nn.BatchNorm2d(3), timm_layers.BatchNormAct2d(3, act_layer=nn.ReLU)
+        nz.BatchRenorm2d(3, r_max=2.0, schedule=None),
+        nn.BatchNorm2d(3),
+        timm_layers.BatchNormAct2d(3, act_layer=nn.ReLU),
+        nn.Sequential(nz.NoisyBatchNorm2d(3)),
     )
-    converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
-    assert type(converted[0]) is nz.BatchRenorm2d
-    assert not converted[0].sync
-    assert type(converted[2]) is nn.SyncBatchNorm  # timm's layer demoted ...
+    renorm, noisy = model[0], model[3][0]
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model), process_group=None)
+    assert type(converted[0]) is nz.BatchRenorm2d  # the kind and its settings are kept ...
+    assert converted[0].sync
+    assert converted[0].r_max == 2.0
+    assert type(converted[3][0]) is nz.NoisyBatchNorm2d
+    assert converted[3][0].sync
+    _assert_same_state(converted, model)
+    assert not renorm.sync  # (the deep copy was converted)
+    assert not noisy.sync
+    assert type(converted[1]) is nn.SyncBatchNorm  # torch's layers: torch's converter, unchanged
+    assert type(converted[2]) is nn.SyncBatchNorm  # timm's layer demoted (normzoo.convert_sync keeps it) ...
     converted.eval()
     model.eval()
     x = torch.randn(2, 3, 4, 4)
@@ -370,6 +381,33 @@ def test_torch_converter_skips_normzoo_and_demotes_timm(group1: None) -> None:
     converted.train()
     with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
         converted[1](x)  # torch's SyncBatchNorm in training on CPU
+
+
+def test_torch_converter_on_a_single_normzoo_layer_returns_it_synchronized(group1: None) -> None:
+    group = dist.new_group([0])
+    layer = nz.BatchNorm1d(3)
+    assert nn.SyncBatchNorm.convert_sync_batchnorm(layer, group) is layer
+    assert layer.sync
+    assert layer.process_group is group
+
+
+def test_torch_converter_is_torchs_for_everything_else() -> None:
+    from normzoo.integrations import sync_batchnorm
+
+    assert sync_batchnorm.is_installed()
+    wrapper = nn.SyncBatchNorm.convert_sync_batchnorm
+    torch_converter = wrapper.__wrapped__  # type: ignore[attr-defined]
+    assert wrapper.__doc__ == torch_converter.__doc__
+    sync_batchnorm.install()  # a second install does not wrap twice
+    assert nn.SyncBatchNorm.convert_sync_batchnorm.__wrapped__ is torch_converter  # type: ignore[attr-defined]
+
+    def plain() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Sequential(nn.BatchNorm1d(3)))
+
+    ours, theirs = wrapper(plain()), torch_converter(nn.SyncBatchNorm, plain())
+    assert repr(ours) == repr(theirs)
+    _assert_same_state(ours, theirs)
 
 
 # --- all_reduce_stat_sums ------------------------------------------------------------------------------

@@ -47,6 +47,33 @@ def test_synchronized_equals_concatenated_batch(case: Case, gloo_cpu_results: li
     check_math_results(gloo_cpu_results, case)
 
 
+#: The cases torch's converter can run on the CPU: normzoo's layers (torch's own become torch's
+#: ``SyncBatchNorm``, which refuses CPU tensors in training).
+TORCH_CONVERTER_CASES = tuple(c for c in MATH_CASES if c.family in ("batchnorm", "renorm", "noisy"))
+
+
+@pytest.fixture(scope="module")
+def torch_converter_results() -> list[dict[str, Any]]:
+    return spawn(
+        math_worker,
+        TORCH_CONVERTER_CASES,
+        "cpu",
+        "torch",
+        world_size=2,
+        backend="gloo",
+        start_method=default_start_method("cpu"),
+    )
+
+
+@pytest.mark.parametrize("case", TORCH_CONVERTER_CASES, ids=lambda c: c.name)
+def test_torch_converter_keeps_the_kind_and_synchronizes(
+    case: Case, torch_converter_results: list[dict[str, Any]]
+) -> None:
+    """``SyncBatchNorm.convert_sync_batchnorm`` (Lightning's ``sync_batchnorm=True``) on normzoo's layers:
+    each keeps its kind and, over 2 processes, computes what it computes on the concatenated batch."""
+    check_math_results(torch_converter_results, case)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per process: 2 GPUs")
 def test_nccl_synchronized_equals_concatenated_batch() -> None:
