@@ -188,10 +188,30 @@ class BatchNormBase(SyncMixin, NormBase):
         bias: bool = True,
         sync: bool = False,
         process_group: ProcessGroup | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.sync = bool(sync) or process_group is not None
         self.process_group = process_group
+        #: Leave the running statistics and the step count as they were when a training step's update would
+        #: make them non-finite (a NaN or inf batch), counting such steps in :attr:`skipped_updates`.
+        self.skip_nonfinite = bool(skip_nonfinite)
+        #: Training steps whose update :attr:`skip_nonfinite` left out (``None`` until it is first needed).
+        self.skipped_updates: Tensor | None
+        self.register_buffer("skipped_updates", None, persistent=False)
+        if self.skip_nonfinite and track_running_stats:
+            self._register_skip_counter()
+
+    def _register_skip_counter(self) -> None:
+        # Not persistent: state_dict keys stay torch's; a resumed run counts from 0 again.
+        device = self.running_mean.device if self.running_mean is not None else None
+        self.register_buffer(
+            "skipped_updates", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
+
+    def _options_repr(self) -> str:
+        """The keyword-only options that differ from their defaults, for ``extra_repr``."""
+        return self._sync_repr() + (", skip_nonfinite=True" if self.skip_nonfinite else "")
 
     def _check_input_dim(self, input: Tensor) -> None:
         # torch's hook for the dimension check (ValueError, as torch's), with the expected shapes named.
@@ -296,9 +316,11 @@ class BatchNormBase(SyncMixin, NormBase):
         if isinstance(input, Proxy):
             return self._fx_leaf(input)
         self._check_input(input)
-        if self.training and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        if not self.training:
+            return self._normalize(input)
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return self._recomputable_forward(input)
-        return self._normalize(input)
+        return self._training_step(input)
 
     def _recomputable_forward(self, input: Tensor) -> Tensor:
         """A training forward that ``torch.utils.checkpoint`` can run again in backward, with the same result.
@@ -317,12 +339,33 @@ class BatchNormBase(SyncMixin, NormBase):
         if replays and torch._C._current_graph_task_id() != -1:  # inside a backward pass: a recomputation
             return self._replay(input, replays.pop())
         if torch.is_grad_enabled() and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
-            return self._normalize(input)  # not the first run of a checkpointed region
+            return self._training_step(input)  # not the first run of a checkpointed region
         record: list[Any] = []
-        out = self._normalize(input, record)
+        out = self._training_step(input, record)
         if replays is None:
             replays = self.__dict__["_replays"] = deque(maxlen=_REPLAYS_KEPT)
         replays.append(tuple(record))
+        return out
+
+    def _training_step(self, input: Tensor, record: list[Any] | None = None) -> Tensor:
+        """:meth:`_normalize` in training, undoing a running update that a non-finite batch poisoned when
+        :attr:`skip_nonfinite` is set (on the device, without a host synchronization)."""
+        if not (self.skip_nonfinite and self.running_mean is not None and self.running_var is not None):
+            return self._normalize(input, record)
+        assert self.num_batches_tracked is not None
+        if getattr(self, "skipped_updates", None) is None:  # switched on after construction
+            self._register_skip_counter()
+        assert self.skipped_updates is not None
+        state = (self.running_mean, self.running_var, self.num_batches_tracked)
+        before = [tensor.clone() for tensor in state]
+        out = self._normalize(input, record)
+        with torch.no_grad():
+            finite = torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()
+            for tensor, previous in zip(state, before, strict=True):
+                # Through .data, as torch's kernels update running statistics: without bumping the version
+                # counter that autograd checks for the statistics it saved for backward.
+                tensor.data.copy_(torch.where(finite, tensor, previous))
+            self.skipped_updates.add_((~finite).long())
         return out
 
     def __prepare_scriptable__(self) -> nn.Module:

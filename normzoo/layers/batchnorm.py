@@ -16,7 +16,7 @@ class _PlainBatchNorm(BatchNormBase):
         return self._batch_norm(input, self._average_factor())
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + self._sync_repr()
+        return super().extra_repr() + self._options_repr()
 
 
 class BatchNorm1d(Input1d, _PlainBatchNorm, nn.BatchNorm1d):

@@ -54,6 +54,8 @@ class _NoisyBatchNorm(BatchNormBase):
             drawing its own noise (see
             ``docs/distributed.md``); unsynchronized when false or with a single process.
         process_group: the group to synchronize over, ``None`` for the default group; implies ``sync``.
+        skip_nonfinite: leave the running statistics and ``num_batches_tracked`` untouched by a training step
+            whose update would make them non-finite, counting such steps in ``skipped_updates``.
         mean_range: half-width of the uniform distribution of each step's noise mean.
         std_range: bounds of the uniform distribution of each step's noise standard deviation.
         generator: the random generator for the noise (on the layer's device); ``None`` for torch's global one.
@@ -72,6 +74,7 @@ class _NoisyBatchNorm(BatchNormBase):
         bias: bool = True,
         sync: bool = False,
         process_group: ProcessGroup | None = None,
+        skip_nonfinite: bool = False,
         mean_range: float = DEFAULT_MEAN_RANGE,
         std_range: tuple[float, float] = DEFAULT_STD_RANGE,
         generator: torch.Generator | None = None,
@@ -87,6 +90,7 @@ class _NoisyBatchNorm(BatchNormBase):
             bias=bias,
             sync=sync,
             process_group=process_group,
+            skip_nonfinite=skip_nonfinite,
         )
         name = type(self).__name__
         try:
@@ -156,7 +160,7 @@ class _NoisyBatchNorm(BatchNormBase):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, mean_range={self.mean_range}, std_range={self.std_range}"
-            f"{self._sync_repr()}"
+            f"{self._options_repr()}"
         )
 
 
