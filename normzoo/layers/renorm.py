@@ -123,6 +123,8 @@ class _BatchRenorm(BatchNormBase):
         sync: reduce the batch statistics over ``process_group`` in data-parallel training (see
             ``docs/distributed.md``); unsynchronized when false or with a single process.
         process_group: the group to synchronize over, ``None`` for the default group; implies ``sync``.
+        skip_nonfinite: leave the running statistics and ``num_batches_tracked`` untouched by a training step
+            whose update would make them non-finite, counting such steps in ``skipped_updates``.
         r_max: the largest ``r`` (at least 1) that the schedule relaxes to.
         d_max: the largest ``|d|`` (at least 0) that the schedule relaxes to.
         schedule: ``"paper"`` (plain BatchNorm for 5k steps, then ``r_max`` reached linearly at 40k steps and
@@ -149,6 +151,7 @@ class _BatchRenorm(BatchNormBase):
         bias: bool = True,
         sync: bool = False,
         process_group: ProcessGroup | None = None,
+        skip_nonfinite: bool = False,
         r_max: float = 3.0,
         d_max: float = 5.0,
         schedule: str | PaperSchedule | RenormSchedule | None = "paper",
@@ -164,6 +167,7 @@ class _BatchRenorm(BatchNormBase):
             bias=bias,
             sync=sync,
             process_group=process_group,
+            skip_nonfinite=skip_nonfinite,
         )
         name = type(self).__name__
         if not (r_max >= 1.0 and d_max >= 0.0):  # NaN fails both
@@ -235,10 +239,10 @@ class _BatchRenorm(BatchNormBase):
             )
         return r_max, d_max
 
-    def _normalize(self, input: Tensor) -> Tensor:
+    def _normalize(self, input: Tensor, record: list[Any] | None = None) -> Tensor:
         r_max, d_max = self.clip_bounds() if self.training else (1.0, 0.0)
         momentum = self._average_factor()
-        return NF.batch_renorm(
+        out, correction = NF._batch_renorm(
             input,
             self.running_mean,
             self.running_var,
@@ -252,6 +256,16 @@ class _BatchRenorm(BatchNormBase):
             sync=self._sync_active(),
             process_group=self.process_group,
         )
+        if record is not None:
+            record.append(correction)
+        return out
+
+    def _replay(self, input: Tensor, record: tuple[Any, ...]) -> Tensor:
+        (correction,) = record
+        return NF.renorm_replay(
+            input, self.running_mean, self.running_var, self.weight, self.bias, correction, self.eps,
+            sync=self._sync_active(), process_group=self.process_group,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         schedule = self.schedule
@@ -261,7 +275,7 @@ class _BatchRenorm(BatchNormBase):
         tracking = "" if self.track_running_stats else ", track_running_stats=False"
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}{bias}"
-            f"{tracking}, r_max={self.r_max}, d_max={self.d_max}, schedule={schedule!r}{self._sync_repr()}"
+            f"{tracking}, r_max={self.r_max}, d_max={self.d_max}, schedule={schedule!r}{self._options_repr()}"
         )
 
 
