@@ -1,4 +1,4 @@
-"""Model surgery with normzoo on a small CNN: insert, train, re-estimate, swap, fuse and remove BatchNorm.
+"""Model surgery with normzoo on a small CNN: insert, train, re-estimate, swap, fuse, freeze and remove BatchNorm.
 
     python examples/surgery.py               # the walk-through (a few seconds on a CPU)
     python examples/surgery.py --benchmark   # eval time before/after fuse_bn on larger CNNs
@@ -93,8 +93,27 @@ def walkthrough() -> None:
     slow, fast = compare(bn_model, fused, x, repeats=10, rounds=3)
     print(f"eval forward of a batch of 32: {slow * 1e3:.2f} ms before, {fast * 1e3:.2f} ms after")
 
+    finetune(bn_model, data)
+
     vanilla = nz.remove_bn(bn_model)
     print("\n== remove_bn(model): back to", [type(m).__name__ for m in vanilla.modules()][:6], "...")
+
+
+def finetune(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> None:
+    """Fine-tune with the BatchNorm statistics frozen: model.train() does not bring batch statistics back."""
+    frozen = nz.freeze_bn(model, trainable_affine=True)
+    statistics = frozen.get_buffer("norm_relu.norm.running_mean").clone()
+    optimizer = torch.optim.SGD(frozen.parameters(), lr=0.01)
+    for x, y in data[:5]:
+        frozen.train()  # what every epoch starts with: harmless to the frozen layers
+        loss = F.cross_entropy(frozen(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unchanged = torch.equal(frozen.get_buffer("norm_relu.norm.running_mean"), statistics)
+    print(f"\n== freeze_bn: 5 fine-tuning steps in training mode; statistics unchanged: {unchanged}")
+    back = nz.unfreeze_bn(frozen)
+    print("unfreeze_bn: back to", type(back.norm_relu.norm).__name__, "with the fine-tuned weight and bias")
 
 
 def eval_time(model: nn.Module, x: Tensor, repeats: int = 20) -> float:

@@ -24,7 +24,17 @@ from .layers import (
     get_norm_layer,
     is_batch_norm,
 )
-from .surgery import convert_sync, fuse_bn, insert_bn, recompute_bn_stats, remove_bn, replace_bn, revert_sync
+from .surgery import (
+    convert_sync,
+    freeze_bn,
+    fuse_bn,
+    insert_bn,
+    recompute_bn_stats,
+    remove_bn,
+    replace_bn,
+    revert_sync,
+    unfreeze_bn,
+)
 
 __all__ = [
     "BatchNorm1d",
@@ -40,6 +50,7 @@ __all__ = [
     "__version__",
     "convert_sync",
     "create_norm_layer",
+    "freeze_bn",
     "functional",
     "fuse_bn",
     "get_norm_layer",
@@ -50,4 +61,5 @@ __all__ = [
     "remove_bn",
     "replace_bn",
     "revert_sync",
+    "unfreeze_bn",
 ]

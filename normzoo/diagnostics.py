@@ -13,6 +13,8 @@ parameter dictionary) and returns tensors or plain Python numbers; none of them 
   with power iterations over :func:`torch.func.jvp` / :func:`torch.func.vjp`).
 - :func:`internal_covariate_shift`: Santurkar et al. (2018)'s ICS of each layer: the ℓ2 distance and the
   cosine between the layer's gradient before and after the earlier layers take an SGD step, same batch.
+- :func:`train_eval_drift`: how far each BatchNorm layer's batch statistics are from its running
+  statistics, and the gap between the model's training-mode and eval-mode outputs on one batch.
 - :func:`loss_landscape`: Santurkar et al.'s measures along the gradient direction ``g``: the loss
   ``L(w - ηg)``, the gradient change ``‖∇L(w - ηg) - ∇L(w)‖`` and the effective β-smoothness
   ``max_η ‖∇L(w - ηg) - ∇L(w)‖ / ‖ηg‖``.
@@ -30,17 +32,19 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._activations import activation_kind
+from .layers import is_batch_norm
 
 __all__ = [
     "SV_HISTOGRAM_EDGES",
     "JacobianSpectrum",
     "LandscapeResult",
+    "TrainEvalDrift",
     "abs_stats",
     "activation_kind",
     "activation_stats",
@@ -49,6 +53,7 @@ __all__ = [
     "jacobian_singular_values",
     "loss_landscape",
     "sv_histogram",
+    "train_eval_drift",
     "update_ratio",
 ]
 
@@ -426,3 +431,123 @@ def loss_landscape(
         grad_range=max(diffs) - min(diffs),
         beta=max((r for r in ratios if not math.isnan(r)), default=math.nan),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# train/eval drift of BatchNorm
+# --------------------------------------------------------------------------------------------------
+class TrainEvalDrift(NamedTuple):
+    """What :func:`train_eval_drift` measures on one batch.
+
+    Attributes:
+        distance: ``{layer name: (C,) tensor}``, per channel, the 2-Wasserstein distance between the
+            Gaussians of the batch statistics and of the running statistics, in units of the running
+            standard deviation: ``sqrt((μ_B − μ)² + (σ_B − σ)²) / σ`` with ``σ_B = sqrt(σ²_B + ε)`` and
+            ``σ = sqrt(running_var + ε)``. 0 when the batch looks like the population; a mean off by one
+            running standard deviation gives 1.
+        output_gap: ``‖f_train(x) − f_eval(x)‖ / ‖f_eval(x)‖`` over the batch (Frobenius norms).
+        disagreement: for ``(N, K)`` outputs with ``K > 1``, the fraction of samples whose argmax differs
+            between the two modes; else ``None``.
+    """
+
+    distance: dict[str, Tensor]
+    output_gap: float
+    disagreement: float | None
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """``{layer: {"mean", "max"}}`` of :attr:`distance` over the channels."""
+        return {name: {"mean": float(d.mean()), "max": float(d.max())} for name, d in self.distance.items()}
+
+
+def train_eval_drift(model: nn.Module, inputs: Tensor | tuple[Any, ...]) -> TrainEvalDrift:
+    """Measure, on one batch, how BatchNorm's training and inference behaviours differ in ``model``.
+
+    Two passes over ``inputs`` (a tensor, or a tuple of positional arguments) under ``torch.no_grad()``:
+    one in eval mode, and one with every BatchNorm-family layer that has running statistics in training
+    mode and everything else in eval mode (dropout off, so the gap is BatchNorm's alone; each kind does
+    what it does in training: batch statistics, Batch Renormalization's correction, noisy BatchNorm's
+    noise). The batch statistics of each such layer are taken from its input in the training pass and
+    compared with its running statistics (see :class:`TrainEvalDrift`). Nothing is left changed: the
+    running statistics and every other buffer, the training flags, torch's random state and the
+    generators that modules own are restored.
+
+    Args:
+        model: any module with BatchNorm layers (torch's, timm's, normzoo's).
+        inputs: the batch the model is called with (more than one sample).
+
+    Returns:
+        A :class:`TrainEvalDrift`.
+
+    Raises:
+        TypeError: the model does not return a tensor.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> drift = train_eval_drift(net, torch.randn(32, 4) * 3 + 2)  # far from the initial (0, 1)
+        >>> drift.summary()["1"]["mean"] > 1.0, drift.output_gap > 0.1
+        (True, True)
+        >>> net[1].running_mean.abs().sum().item()  # left as it was
+        0.0
+    """
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if is_batch_norm(m) and isinstance(getattr(m, "running_mean", None), Tensor)
+    ]
+    distance: dict[str, Tensor] = {}
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: Any, hook_args: tuple[Any, ...]) -> None:
+            if not module.training or name in distance:
+                return
+            x = hook_args[0].detach().float()
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            eps = float(module.eps)
+            sigma = (module.running_var.float() + eps).sqrt()
+            sigma_b = (var + eps).sqrt()
+            distance[name] = (
+                (mean - module.running_mean.float()) ** 2 + (sigma_b - sigma) ** 2
+            ).sqrt() / sigma
+
+        return hook
+
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    flags = [(m, m.training) for m in model.modules()]
+    generators = [
+        g for m in model.modules() if isinstance(g := getattr(m, "generator", None), torch.Generator)
+    ]
+    states = [g.get_state() for g in generators]
+    handles = [m.register_forward_pre_hook(capture(name)) for name, m in layers]
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    try:
+        devices = list(range(torch.cuda.device_count())) if cuda else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            eval_out = model(*args)
+            for _, m in layers:
+                m.train()
+            train_out = model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for m, flag in flags:
+            m.training = flag
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
+    if not isinstance(eval_out, Tensor) or not isinstance(train_out, Tensor):
+        raise TypeError(
+            f"train_eval_drift: expected the model to return a tensor, got {type(eval_out).__name__}; "
+            "pass a module (or a lambda wrapped in one) whose output is the prediction tensor"
+        )
+    eval_f, train_f = eval_out.detach().double(), train_out.detach().double()
+    gap = float((train_f - eval_f).norm() / eval_f.norm().clamp_min(1e-12))
+    disagreement = None
+    if eval_f.dim() == 2 and eval_f.shape[1] > 1:
+        disagreement = float((train_f.argmax(1) != eval_f.argmax(1)).double().mean())
+    return TrainEvalDrift(distance, gap, disagreement)

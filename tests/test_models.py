@@ -251,3 +251,21 @@ def test_init_weights_infers_the_activation() -> None:
     torch.manual_seed(0)
     net = init_weights(nn.Sequential(nn.Linear(900, 900), nn.Tanh()), "kaiming")
     assert net[0].weight.detach().std().item() == pytest.approx(5 / 3 / 30, rel=0.02)
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "renorm", "noisy"])
+def test_1d_cnn_for_mnist1d_signals(norm: str) -> None:
+    """The study's CNN on MNIST-1D: signals (N, 1, 40), 1-D convolutions, 1-D norms, three 2x poolings."""
+    cnn = build_cnn(1, 10, ndim=1, channels=(8, 8, 16, 16, 32, 32), norm=norm)
+    convs = [m for m in cnn.modules() if isinstance(m, nn.Conv1d)]
+    norms = [m for m in cnn.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(convs) == len(norms) == 6
+    assert all(type(n).__name__.endswith("1d") for n in norms)
+    lengths = []
+    x = torch.randn(5, 1, 40)
+    for name, module in cnn.named_children():
+        x = module(x)
+        if name.startswith("pool"):
+            lengths.append(x.shape[-1])
+    assert lengths == [20, 10, 5]
+    assert x.shape == (5, 10)

@@ -1,6 +1,8 @@
 """PyTorch Lightning integration: the training module, the data modules, and (in ``.callbacks``) the monitors.
 
-Needs the ``lightning`` extra: ``pip install "normzoo[lightning]"``.
+Needs the ``lightning`` extra: ``pip install "normzoo[lightning]"``, checked when a name of this package
+is first used. :mod:`normzoo.lightning.plotting` needs matplotlib alone, so importing this package
+imports nothing else.
 
 Example:
     >>> from normzoo.lightning import ClassificationModule, DigitsDataModule
@@ -9,18 +11,30 @@ Example:
     ...                               model_kwargs={"in_features": dm.num_features})
 """
 
-from ._imports import require_lightning
+from __future__ import annotations
 
-require_lightning()
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .data import (  # noqa: E402
-    ClassificationDataModule,
-    DigitsDataModule,
-    TorchvisionDataModule,
-    get_datamodule,
-)
-from .module import ClassificationModule  # noqa: E402
-from .sync import NormSync  # noqa: E402
+if TYPE_CHECKING:
+    from .data import (
+        ClassificationDataModule,
+        DigitsDataModule,
+        TorchvisionDataModule,
+        get_datamodule,
+    )
+    from .module import ClassificationModule
+    from .sync import NormSync
+
+#: Public name -> the submodule that defines it (imported on first use, after the Lightning check).
+_EXPORTS = {
+    "ClassificationDataModule": ".data",
+    "ClassificationModule": ".module",
+    "DigitsDataModule": ".data",
+    "NormSync": ".sync",
+    "TorchvisionDataModule": ".data",
+    "get_datamodule": ".data",
+}
 
 __all__ = [
     "ClassificationDataModule",
@@ -30,3 +44,18 @@ __all__ = [
     "TorchvisionDataModule",
     "get_datamodule",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ._imports import require_lightning
+
+    require_lightning()
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

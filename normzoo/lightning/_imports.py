@@ -1,9 +1,15 @@
 """Optional dependencies of :mod:`normzoo.lightning`: import them or say exactly what to install.
 
 ``import normzoo`` needs torch alone. Everything under ``normzoo.lightning`` needs the ``lightning`` extra
-(Lightning and torchmetrics), which :func:`require_lightning` checks once when the package is imported; a
-few pieces need more (timm for ``ClassificationModule("resnet18", ...)``, scikit-learn for the digits data,
-torchvision for MNIST/SVHN/CIFAR), and :func:`import_optional` imports those at the point of use.
+(Lightning and torchmetrics), which :func:`require_lightning` checks where it is first needed (the public
+names of ``normzoo.lightning``, the callbacks, the module, the sync plugin), except
+:mod:`normzoo.lightning.plotting`, which needs matplotlib alone. A few pieces need more (timm for
+``ClassificationModule("resnet18", ...)``, scikit-learn for the digits data, torchvision for
+MNIST/SVHN/CIFAR), and :func:`import_optional` imports those at the point of use.
+
+Both ask by importing, not through ``lightning_utilities``' ``RequirementCache``: its answer is cached for
+the life of the process (``module_available`` is an ``lru_cache``), so a module that went missing after
+the first question, or that a test hides, would still count as present.
 
 Example:
     >>> import_optional("math", extra="lightning", feature="a doctest").sqrt(4.0)

@@ -18,17 +18,20 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import lightning as L
-import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, EarlyStopping
-from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from ._imports import import_optional, require_lightning
 
-from ..layers import NormSpec, is_batch_norm
-from ..models import build_cnn, build_mlp
-from ..surgery import replace_bn
-from ._imports import import_optional
+require_lightning("normzoo.lightning.ClassificationModule")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.callbacks import Callback, EarlyStopping  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
+
+from ..layers import NormSpec, is_batch_norm  # noqa: E402
+from ..models import build_cnn, build_mlp  # noqa: E402
+from ..surgery import replace_bn  # noqa: E402
 
 __all__ = ["BUILTIN_MODELS", "OPTIMIZERS", "SCHEDULERS", "ClassificationModule", "build_backbone"]
 

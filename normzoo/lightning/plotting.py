@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "activation_figure",
+    "drift_figure",
     "epoch_time_chart",
     "figure_to_array",
     "gradient_flow_chart",
@@ -294,6 +295,34 @@ def ics_figure(steps: Sequence[int], l2: Series, cos: Series, *, title: str | No
     layer_curves(steps, l2, ax=a, ylabel="‖G − G′‖₂", title="ICS: ℓ2 difference", log=True)
     layer_curves(steps, cos, ax=b, ylabel="cos(G, G′)", title="ICS: cosine", legend=False)
     b.set_ylim(min([-0.05, *(v for s in cos.values() for v in s if math.isfinite(v))]), 1.05)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def drift_figure(
+    steps: Sequence[int],
+    distance: Series,
+    output_gap: Sequence[float],
+    *,
+    gap_threshold: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """BatchNorm's train/eval drift: per layer, the mean distance between batch and running statistics
+    (in running standard deviations), and the relative gap between training- and eval-mode outputs."""
+    fig, (a, b) = new_figure(1, 2)
+    layer_curves(
+        steps, distance, ax=a, ylabel="W₂ / σ (mean over channels)", title="batch vs running statistics"
+    )
+    layer_curves(
+        steps,
+        {"output gap": output_gap},
+        ax=b,
+        ylabel="‖f_train − f_eval‖ / ‖f_eval‖",
+        title="train vs eval outputs",
+        reference=gap_threshold,
+        legend=False,
+    )
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

@@ -25,7 +25,7 @@ __all__ = ["build_parser", "main", "study_config_from_args"]
 
 _EPILOG = """\
 examples:
-  normzoo study                                    # the quick preset on the built-in digits (< 10 min, CPU)
+  normzoo study                                    # the quick preset on MNIST-1D (< 10 min, 2-core CPU)
   normzoo study --preset full --accelerator gpu --out runs/full
   normzoo study --factors baseline,activation:sigmoid,batch_size --variants vanilla,batchnorm,renorm
   normzoo study --dataset cifar10 --data-root ~/data --models cnn --seeds 0,1,2
@@ -52,6 +52,34 @@ def _int_csv(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected a comma-separated list of integers, got {text!r}"
         ) from None
+
+
+def _at_least(minimum: int) -> Any:
+    """An argparse type: an integer of at least ``minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seed_csv(text: str) -> list[int]:
+    seeds = _int_csv(text)
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return seeds
+
+
+def _devices(text: str) -> int | str:
+    if text.strip().lstrip("-").isdigit():
+        return _at_least(1)(text)
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,20 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variants", type=_csv("variants"), metavar="LIST", help=f"keep only these of: {', '.join(VARIANTS)}"
     )
-    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default: digits, built in)")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default: mnist1d, generated locally)")
     p.add_argument(
         "--data-root", metavar="DIR", help="folder with the torchvision datasets (default: ./data)"
     )
     p.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
-    p.add_argument("--seeds", type=_int_csv, metavar="LIST", help="seeds, e.g. 0,1,2 (default: the preset's)")
-    p.add_argument("--max-epochs", type=int, metavar="N", help="epoch cap per run (default: the preset's)")
     p.add_argument(
-        "--max-steps", type=int, metavar="N", help="optimizer-step cap per run (default: the preset's)"
+        "--seeds", type=_seed_csv, metavar="LIST", help="seeds, e.g. 0,1,2 (default: the preset's)"
+    )
+    p.add_argument(
+        "--max-epochs", type=_at_least(1), metavar="N", help="epoch cap per run (default: the preset's)"
+    )
+    p.add_argument(
+        "--max-steps",
+        type=_at_least(1),
+        metavar="N",
+        help="optimizer-step cap per run (default: the preset's)",
     )
     p.add_argument(
         "--patience",
         dest="early_stop_patience",
-        type=int,
+        type=_at_least(1),
         metavar="N",
         help="early-stopping patience (default 20)",
     )
@@ -114,12 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="the batch sizes of the batch_size factor (64 is the baseline)",
     )
     p.add_argument("--accelerator", help="cpu (default), gpu, mps or auto")
-    p.add_argument("--devices", help="devices per run (default 1)")
+    p.add_argument("--devices", type=_devices, help="devices per run (default 1)")
     p.add_argument(
-        "--threads", type=int, metavar="N", help="torch CPU threads (default 1: fastest for these small nets)"
+        "--threads",
+        type=_at_least(1),
+        metavar="N",
+        help="torch CPU threads per run (default 1: fastest for these small nets)",
     )
     p.add_argument(
-        "--limit-train-batches", type=int, metavar="N", help="train on at most N batches per epoch"
+        "--workers",
+        type=_at_least(1),
+        metavar="N",
+        help="runs trained side by side in worker processes (default: the number of CPU cores); the "
+        "results are the same as with --workers 1",
+    )
+    p.add_argument(
+        "--limit-train-batches", type=_at_least(1), metavar="N", help="train on at most N batches per epoch"
     )
     p.add_argument(
         "--draw-margin",
@@ -157,6 +202,7 @@ _CONFIG_KEYS = (
     "accelerator",
     "devices",
     "threads",
+    "workers",
     "limit_train_batches",
     "draw_margin",
     "force",
@@ -178,8 +224,6 @@ def study_config_from_args(args: argparse.Namespace) -> StudyConfig:
     if getattr(args, "config", None):
         config = load_config_file(args.config)
     given = {key: getattr(args, key) for key in _CONFIG_KEYS if hasattr(args, key)}
-    if "devices" in given and str(given["devices"]).isdigit():
-        given["devices"] = int(given["devices"])
     config = merge_config(config, given, "the command line")
     config.validate()
     return config
@@ -220,7 +264,10 @@ def _study(args: argparse.Namespace) -> int:
     if getattr(args, "report_only", False):
         if not (out / "results.json").is_file():
             return _error(f"{out / 'results.json'} does not exist: run the study first")
-        paths = write_report(out, figures=config.figures, draw_margin=config.draw_margin)
+        try:
+            paths = write_report(out, figures=config.figures, draw_margin=config.draw_margin)
+        except ValueError as error:  # not JSON, or not a results file
+            return _error(f"{error} (rerun the study to write it again)")
         print(f"report: {paths['md']}\n        {paths['html']}")
         return 0
     if not plan:
@@ -235,8 +282,12 @@ def _study(args: argparse.Namespace) -> int:
             )
         print(f"{len(plan)} runs")
         return 0
-    from .runner import run_study
+    from .runner import StudyFolderInUseError, check_output_folder, run_study
 
+    try:
+        check_output_folder(out)  # before any training: a bad --out is found in a second, not an hour
+    except ValueError as error:
+        return _error(error)
     start = time.perf_counter()
     print(
         f"normzoo study: preset {config.preset}, dataset {config.dataset}, {len(plan)} runs, "
@@ -255,7 +306,7 @@ def _study(args: argparse.Namespace) -> int:
         return _error(
             f"{error}\n(on the command line: --data-root DIR names the folder, --download fetches it)"
         )
-    except ImportError as error:  # a missing optional package
+    except (ImportError, StudyFolderInUseError) as error:  # a missing optional package; a folder in use
         return _error(error)
     paths = write_report(out, figures=config.figures, draw_margin=config.draw_margin)
     elapsed = time.perf_counter() - start
@@ -280,9 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``normzoo`` command with ``argv`` (``sys.argv[1:]`` when ``None``); return its exit status.
 
     Example:
-        >>> main(["study", "--dry-run", "--factors", "lr", "--models", "cnn"])
-        cnn  lr:lr=0.1       vanilla    seed=0
-        cnn  lr:lr=0.1       batchnorm  seed=0
+        >>> main(["study", "--dry-run", "--factors", "activation:sigmoid", "--models", "cnn", "--seeds", "0"])
+        cnn  activation:sigmoid vanilla    seed=0
+        cnn  activation:sigmoid batchnorm  seed=0
         2 runs
         0
     """

@@ -41,7 +41,7 @@ from .grid import StudyConfig
 __all__ = ["config_from_mapping", "load_config_file", "merge_config", "read_config_file"]
 
 _LIST_FIELDS = {"factors": str, "models": str, "variants": str, "seeds": int, "batch_sizes": int}
-_INT_FIELDS = {"max_epochs", "max_steps", "early_stop_patience", "threads", "limit_train_batches"}
+_INT_FIELDS = {"max_epochs", "max_steps", "early_stop_patience", "threads", "limit_train_batches", "workers"}
 _BOOL_FIELDS = {"download", "progress", "force", "figures"}
 _FLOAT_FIELDS = {"draw_margin"}
 _STR_FIELDS = {"preset", "out", "dataset", "data_root", "accelerator"}

@@ -79,7 +79,10 @@ def load_results(out: str | Path) -> dict[str, Any]:
     path = Path(out)
     if path.is_dir():
         path = path / "results.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
         raise ValueError(f"{path} is not a normzoo study results file (no 'runs' list)")
     return data
@@ -206,9 +209,7 @@ def _first_epoch_flow(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], 
     return layers, mean_abs, max_abs
 
 
-def _mean(values: Sequence[float]) -> float:
-    clean = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return sum(clean) / len(clean) if clean else math.nan
+_mean = stats.finite_mean
 
 
 def _diagnostics_figure(runs: Sequence[Record], path: Path, title: str) -> None:
@@ -243,6 +244,107 @@ def _diagnostics_figure(runs: Sequence[Record], path: Path, title: str) -> None:
                 steps, series, ax=axes[row][2], ylabel="‖w‖", title=f"{variant}: weight norm", legend=row == 0
             )
     fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+_VERDICT_COLORS = {
+    "reproduced": "#2e7d32",
+    "partly reproduced": "#f9a825",
+    "not reproduced": "#c62828",
+    "not shown": "#9e9e9e",
+}
+
+
+def _verdict_figure(found: Sequence[stats.Finding], path: Path) -> None:
+    """Every claim's verdict and headline effect: accuracy differences (points, ± the draw threshold) on the
+    left, measurements (variant over reference, log scale) on the right; one row per claim, coloured by
+    verdict. Claims the study did not run are left out."""
+    shown = [f for f in found if f.verdict != "not run"]
+    points = [f for f in shown if f.effect is None or f.effect[2] == "points"]
+    ratios = [f for f in shown if f.effect is not None and f.effect[2] == "ratio"]
+    rows = max(len(points), len(ratios), 1)
+    fig, axes = _new_figure(1, 2, (4.6, 0.32 * rows + 1.2))
+    for ax, group, ratio in ((axes[0][0], points, False), (axes[0][1], ratios, True)):
+        for y, f in enumerate(reversed(group)):
+            color = _VERDICT_COLORS.get(f.verdict, "0.5")
+            if f.effect is not None:
+                value, spread, _ = f.effect
+                x = value if ratio else 100 * value
+                err = None if ratio else 100 * spread
+                ax.errorbar(x, y, xerr=err, fmt="o", color=color, ms=5, capsize=3, lw=1.2)
+            else:
+                ax.plot(0 if not ratio else 1, y, marker="x", color=color)
+            ax.text(
+                1.02, y, f.verdict, transform=ax.get_yaxis_transform(), fontsize=7, va="center", color=color
+            )
+        ax.set_yticks(range(len(group)))
+        ax.set_yticklabels([f.key for f in reversed(group)], fontsize=7)
+        ax.axvline(1 if ratio else 0, color="0.6", lw=0.8)
+        if ratio:
+            ax.set_xscale("log")
+        ax.set_xlabel(
+            "measurement, variant / reference (log)"
+            if ratio
+            else "accuracy difference, points (± threshold)",
+            fontsize=8,
+        )
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, axis="x")
+        ax.set_ylim(-0.7, rows - 0.3)
+    fig.suptitle("Every claim: verdict and effect", fontsize=10)
+    _save(fig, path)
+
+
+#: The "why BN works" measures: key in the records' diagnostics -> axis label.
+_WHY_MEASURES = {
+    "ics": "internal covariate shift\n(mean ‖G − G'‖)",
+    "landscape": "effective β-smoothness\n(lower: smoother)",
+    "weight_norm": "weight-norm growth\n(last / first)",
+    "gradient_flow": "first-layer mean |grad|\n(first epoch)",
+    "jacobian": "|log rms singular value|\n(0: isometry)",
+}
+
+
+def _why_value(record: Record | None, key: str) -> float | None:
+    if record is None:
+        return None
+    if key == "gradient_flow":
+        flow = stats._first_layer_grad(record)
+        return flow[0] if flow else None
+    return stats._diag_measure(record, key)
+
+
+def _why_figure(diag: Mapping[tuple[str, str], Mapping[str, Record]], path: Path) -> None:
+    """One panel per measure: a bar per (setting, variant) from the first seed's diagnostics."""
+    fig, axes = _new_figure(1, len(_WHY_MEASURES), (2.6, 2.6))
+    settings = list(diag)
+    for ax, (key, label) in zip(axes[0], _WHY_MEASURES.items(), strict=True):
+        x = 0
+        ticks, names = [], []
+        for setting in settings:
+            runs = diag[setting]
+            start = x
+            for variant in ("vanilla", "batchnorm", "noisy"):
+                value = _why_value(runs.get(variant), key)
+                if value is not None:
+                    ax.bar(
+                        x,
+                        value,
+                        color=_VARIANT_COLORS[variant],
+                        label=variant if setting == settings[0] else None,
+                    )
+                x += 1
+            ticks.append((start + x - 1) / 2)
+            names.append(f"{setting[1].upper()}\n{setting[0]}")
+            x += 1
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(names, fontsize=7)
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if key in ("gradient_flow", "landscape", "ics"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=7, frameon=False)
     _save(fig, path)
 
 
@@ -347,6 +449,48 @@ def build_blocks(
             )
         )
 
+    found = stats.findings(records, margin)
+    blocks.append(Heading(2, "At a glance"))
+    if make_figures and out is not None and any(f.verdict != "not run" for f in found):
+        name = fig_dir / "claims.png"
+        _verdict_figure(found, out / name)
+        blocks.append(Image(name.as_posix(), "every claim's verdict and effect size"))
+    blocks.append(
+        Table(
+            ["claim", "verdict", "effect", "source"],
+            [
+                [f.key, f"**{f.verdict}**", _effect_text(f.effect), f.source]
+                for f in found
+                if f.verdict != "not run"
+            ],
+            "Effect: an accuracy difference in points (± the draw threshold) or a ratio of measurements, the "
+            "first comparison of the claim's evidence (see Findings).",
+        )
+    )
+    if "mnist1d" in datasets:
+        from normzoo.lightning.data import MNIST1D_BASELINES
+
+        ours = []
+        for model in models:
+            best = max(
+                (
+                    c
+                    for k, c in table.items()
+                    if k[0] == "mnist1d" and k[1:4] == ("baseline", "baseline", model)
+                ),
+                key=lambda c: c.mean(),
+                default=None,
+            )
+            if best is not None:
+                ours.append(f"{model.upper()} {_pct(best.mean())} % ({best.variant})")
+        published = ", ".join(f"{name} ≈ {100 * acc:.0f} %" for name, acc in MNIST1D_BASELINES.items())
+        blocks.append(
+            Para(
+                f"*Sanity line (MNIST-1D):* the dataset's paper reports {published} (Greydanus 2020); this study's "
+                f"baselines: {', '.join(ours) or 'not run'}."
+            )
+        )
+
     # -- scoreboard -----------------------------------------------------------------------------------
     blocks.append(Heading(2, "Scoreboard"))
     board = stats.scoreboard(records, margin)
@@ -407,10 +551,42 @@ def build_blocks(
 
     # -- findings -------------------------------------------------------------------------------------
     blocks.append(Heading(2, "Findings: did this run reproduce the published claims?"))
-    found = stats.findings(records, margin)
     summary = [f"{f.title}: **{f.verdict}**" for f in found]
     blocks.append(Bullets(summary))
+    why = {"ics", "landscape", "weight_norm", "gradient_flow", "jacobian"}
     for f in found:
+        if f.key in why:
+            continue
+        blocks.append(Heading(3, f"{f.title} — {f.verdict}"))
+        blocks.append(Para(f"*Claim:* {f.claim}"))
+        blocks.append(Para(" ".join(f.evidence) or "No evidence."))
+        if f.caveats:
+            blocks.append(Para("*Caveats:* " + "; ".join(f.caveats) + "."))
+
+    # -- why does BN work? ----------------------------------------------------------------------------
+    blocks.append(Heading(2, "Why does BN work?"))
+    blocks.append(
+        Para(
+            "Measured by the library's monitors (`CovariateShiftMonitor`, `LossLandscapeMonitor`, "
+            "`WeightNormMonitor`, `GradientFlowMonitor`, `JacobianSpectrumMonitor`) during the first seed's "
+            "training at the baseline and with sigmoid, for vanilla, BatchNorm and noisy BN."
+        )
+    )
+    diag: dict[tuple[str, str], dict[str, Record]] = {}
+    for run in records:
+        if run.get("diagnostics") and run["experiment"] in ("baseline", "activation"):
+            setting = (
+                "baseline" if run["experiment"] == "baseline" else str(run["level"]),
+                str(run["model"]),
+            )
+            diag.setdefault(setting, {})[str(run["variant"])] = run
+    if make_figures and out is not None and diag:
+        name = fig_dir / "why_bn.png"
+        _why_figure(diag, out / name)
+        blocks.append(Image(name.as_posix(), "the why-BN-works measures by variant"))
+    for f in found:
+        if f.key not in why:
+            continue
         blocks.append(Heading(3, f"{f.title} — {f.verdict}"))
         blocks.append(Para(f"*Claim:* {f.claim}"))
         blocks.append(Para(" ".join(f.evidence) or "No evidence."))
@@ -431,8 +607,8 @@ def build_blocks(
     for experiment in experiments:
         factor = FACTORS.get(experiment)
         blocks.append(Heading(3, factor.title if factor else experiment))
-        if factor:
-            blocks.append(Para(f"*Published claim:* {factor.claim}"))
+        for claim in stats.claims_for(experiment):
+            blocks.append(Para(f"*Published claim:* {claim.text} ({claim.source})"))
         for model in models:
             levels = _factor_levels(records, experiment, model)
             if not levels:
@@ -601,6 +777,15 @@ def build_blocks(
     return blocks
 
 
+def _effect_text(effect: tuple[float, float, str] | None) -> str:
+    if effect is None:
+        return "-"
+    value, spread, unit = effect
+    if unit == "ratio":
+        return f"x{value:.2f}"
+    return f"{100 * value:+.1f} ± {100 * spread:.1f} points"
+
+
 def _patience(records: Sequence[Record]) -> str:
     values = sorted({int((r.get("recipe") or {}).get("early_stop_patience", 20)) for r in records})
     return ", ".join(map(str, values)) or "20"
@@ -669,14 +854,6 @@ def render_markdown(blocks: Sequence[Block]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _inline_html(text: str) -> str:
-    out = html.escape(text, quote=False)
-    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
-    out = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", out)
-    out = re.sub(r"`(.+?)`", r"<code>\1</code>", out)
-    return out
-
-
 _CSS = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
        padding: 0 1em; color: #222; }
@@ -690,38 +867,31 @@ img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 
 
 def render_html(blocks: Sequence[Block], title: str = "normzoo study report") -> str:
-    """The blocks as one self-contained HTML page (figures referenced by relative path).
+    """The blocks as one self-contained HTML page: :func:`render_markdown`'s text through python-markdown
+    (with its ``tables`` extension), figures referenced by relative path.
 
     Example:
         >>> page = render_html([Para("**batchnorm 7 - vanilla 1** (`quick`)")])
         >>> page.splitlines()[-2]
         '<p><strong>batchnorm 7 - vanilla 1</strong> (<code>quick</code>)</p>'
     """
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>",
-        f"<style>\n{_CSS}\n</style></head><body>",
-    ]
-    for b in blocks:
-        if isinstance(b, Heading):
-            parts.append(f"<h{b.level}>{_inline_html(b.text)}</h{b.level}>")
-        elif isinstance(b, Para):
-            parts.append(f"<p>{_inline_html(b.text)}</p>")
-        elif isinstance(b, Bullets):
-            parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in b.items) + "</ul>")
-        elif isinstance(b, Table):
-            rows = ["<table>"]
-            if b.caption:
-                rows.append(f"<caption>{_inline_html(b.caption)}</caption>")
-            rows.append("<tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in b.headers) + "</tr>")
-            rows += ["<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in b.rows]
-            rows.append("</table>")
-            parts.append("\n".join(rows))
-        elif isinstance(b, Image):
-            parts.append(f'<p><img src="{html.escape(b.path)}" alt="{html.escape(b.alt)}"></p>')
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    from normzoo.lightning._imports import import_optional
+
+    markdown = import_optional("markdown", extra="study", feature="the study's HTML report")
+    body = markdown.markdown(render_markdown(blocks), extensions=["tables"], output_format="html")
+    return (
+        "\n".join(
+            [
+                "<!DOCTYPE html>",
+                '<html lang="en"><head><meta charset="utf-8">',
+                f"<title>{html.escape(title)}</title>",
+                f"<style>\n{_CSS}\n</style></head><body>",
+                body,
+                "</body></html>",
+            ]
+        )
+        + "\n"
+    )
 
 
 def write_report(

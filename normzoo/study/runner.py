@@ -36,8 +36,12 @@ from torch import nn
 from .grid import PRESETS, RunSpec, StudyConfig, build_plan
 
 __all__ = [
+    "REQUIRED_FIELDS",
     "RUN_SCHEMA",
+    "StudyFolderInUseError",
+    "StudyLock",
     "StudyResult",
+    "check_output_folder",
     "load_run",
     "run_key",
     "run_one",
@@ -45,7 +49,7 @@ __all__ = [
 ]
 
 #: Version of the run-file format; part of every run key, so a change of format invalidates the cache.
-RUN_SCHEMA = 1
+RUN_SCHEMA = 2
 
 _log = logging.getLogger("normzoo.study")
 
@@ -70,6 +74,8 @@ def run_identity(spec: RunSpec, config: StudyConfig) -> dict[str, Any]:
         "limit_train_batches": config.effective_limit_train_batches,
         "accelerator": _accelerator_name(config.accelerator),
         "diagnostics": spec.diagnostics,
+        # how Batch Renormalization's schedule is derived (see normzoo.study.renorm)
+        "renorm_schedule": "paper, scaled to the run (5/25/40 %)" if spec.variant == "renorm" else None,
     }
 
 
@@ -107,15 +113,105 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+#: The fields every run record has; a cached file without one of them is incomplete and trained again.
+REQUIRED_FIELDS = (
+    "schema", "key", "experiment", "level", "variant", "model", "dataset", "seed", "test_acc", "best_val_acc",
+    "epochs", "steps", "stop_reason", "num_classes", "recipe", "history",
+)  # fmt: skip
+
+
 def load_run(path: Path) -> dict[str, Any] | None:
-    """The record in a run file, or ``None`` when it is unreadable or of another schema."""
+    """The record in a run file, or ``None`` when it is missing, unreadable, of another schema or incomplete
+    (an incomplete one is reported in the log: it is trained again)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        _log.warning("%s is unreadable (%s): training that run again", path, error)
         return None
     if not isinstance(record, dict) or record.get("schema") != RUN_SCHEMA:
         return None
+    missing = [name for name in REQUIRED_FIELDS if name not in record]
+    if missing or record.get("key") != path.stem or not record.get("steps"):
+        what = f"lacks {', '.join(missing)}" if missing else "belongs to another run or has no steps"
+        _log.warning("%s is incomplete (it %s): training that run again", path, what)
+        return None
     return record
+
+
+def check_output_folder(out: str | Path) -> Path:
+    """Create ``out`` if needed and check that it is a writable folder, before any training.
+
+    Raises ``ValueError`` naming ``--out`` when it is a file or cannot be written.
+
+    Example:
+        >>> target = getfixture("tmp_path") / "a-file"
+        >>> _ = target.write_text("x")
+        >>> check_output_folder(target)
+        Traceback (most recent call last):
+        ...
+        ValueError: --out .../a-file is a file, expected a folder for the study's results
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, expected a folder for the study's results")
+    try:
+        (path / "runs").mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {path} is not a writable folder: {error.strerror or error}") from None
+    return path
+
+
+class StudyFolderInUseError(RuntimeError):
+    """Raised when another live study holds the output folder (see :class:`StudyLock`)."""
+
+
+class StudyLock:
+    """An exclusive lock on a study's output folder (``OUT/.lock``, ``fcntl.flock``), holding the owner's pid.
+
+    A second study started in the same folder fails at once with a message naming the process that holds
+    it, instead of deleting its in-flight files and overwriting its ``results.json``. The operating system
+    releases the lock when its process ends, however it ends (a killed study leaves no stale lock). Where
+    ``fcntl`` does not exist (Windows) the folder is not locked.
+    """
+
+    def __init__(self, out: str | Path) -> None:
+        self.path = Path(out) / ".lock"
+        self._file: Any = None
+
+    def __enter__(self) -> StudyLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise StudyFolderInUseError(
+                f"another normzoo study (pid {owner}) is writing {self.path.parent}: wait for it to finish, "
+                "or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.truncate(0)
+            self._file.close()  # closing releases the flock
+            self._file = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,12 +344,12 @@ class _Data:
         self.config = config
         self._dm: Any = None
 
-    def get(self, batch_size: int) -> Any:
+    def get(self, batch_size: int, classes_per_batch: int | None = None) -> Any:
         if self._dm is None:
             from normzoo.lightning.data import get_datamodule
 
             kwargs: dict[str, Any] = {"batch_size": batch_size, "eval_batch_size": 512}
-            if self.config.dataset != "digits":
+            if self.config.dataset not in ("digits", "mnist1d"):
                 kwargs["root"] = self.config.data_root or "data"
                 kwargs["download"] = self.config.download
             if _accelerator_name(self.config.accelerator) != "cpu":
@@ -263,19 +359,49 @@ class _Data:
             self._dm.setup("fit")
         dm = self._dm
         dm.batch_size = batch_size
+        dm.classes_per_batch = classes_per_batch
         # A last training batch of one sample would make BatchNorm raise: drop it only in that case.
         dm.drop_last = len(dm.train_set) % batch_size == 1
         return dm
 
 
-def _build_model(spec: RunSpec, config: StudyConfig, dm: Any) -> nn.Module:
+def planned_steps(spec: RunSpec, config: StudyConfig, n_train: int) -> int:
+    """The optimizer steps ``spec`` takes unless early stopping ends it: the epoch cap times the steps per
+    epoch (the batch limit applied), or the step cap when that comes first."""
+    per_epoch = (
+        n_train // spec.recipe.batch_size
+        if n_train % spec.recipe.batch_size == 1
+        else math.ceil(n_train / spec.recipe.batch_size)
+    )
+    limit = config.effective_limit_train_batches
+    if limit is not None:
+        per_epoch = min(per_epoch, limit)
+    steps = per_epoch * config.effective_max_epochs
+    max_steps = config.effective_max_steps
+    return min(steps, max_steps) if max_steps is not None else steps
+
+
+def renorm_schedule(spec: RunSpec, config: StudyConfig, n_train: int) -> Any:
+    """The Batch Renormalization schedule of ``spec``: the paper's, scaled to the run's planned steps."""
+    from normzoo import PaperSchedule
+
+    return PaperSchedule(total_steps=max(1, planned_steps(spec, config, n_train)))
+
+
+def _build_model(spec: RunSpec, config: StudyConfig, dm: Any, schedule: Any = None) -> nn.Module:
+    import functools
+
+    from normzoo.layers import BatchRenorm1d
     from normzoo.models import build_cnn, build_mlp
 
     from .grid import VARIANTS
 
     r = spec.recipe
+    norm: Any = VARIANTS[spec.variant]
+    if norm == "renorm" and schedule is not None:
+        norm = functools.partial(BatchRenorm1d, schedule=schedule)  # the right 1d/2d/3d class is chosen
     common: dict[str, Any] = {
-        "norm": VARIANTS[spec.variant],
+        "norm": norm,
         "activation": r.activation,
         "init": r.init,
         "init_std": r.init_std,
@@ -288,15 +414,35 @@ def _build_model(spec: RunSpec, config: StudyConfig, dm: Any) -> nn.Module:
     return build_cnn(int(dm.in_channels), int(dm.num_classes), ndim=len(shape) - 1, **extra, **common)
 
 
+#: the diagnostics a run with ``diagnostics=True`` records: results.json key -> the monitor's class name
+DIAGNOSTICS = {
+    "gradient_flow": "GradientFlowMonitor",
+    "weight_norm": "WeightNormMonitor",
+    "ics": "CovariateShiftMonitor",
+    "landscape": "LossLandscapeMonitor",
+    "jacobian": "JacobianSpectrumMonitor",
+}
+
+
 def _diagnostic_callbacks(steps_per_epoch: int) -> list[Any]:
-    """Gradient-flow and weight-norm monitors sampling about four times per epoch, figures off (the report
-    draws them from the recorded histories)."""
-    from normzoo.lightning.callbacks import GradientFlowMonitor, WeightNormMonitor
+    """The library's monitors, figures off (the report draws them from the recorded histories): gradient flow
+    and weight norms about four times per epoch; the probing ones (Santurkar's internal covariate shift and
+    loss landscape, the Jacobian spectrum), which cost a few extra passes each, once per epoch."""
+    from normzoo.lightning.callbacks import (
+        CovariateShiftMonitor,
+        GradientFlowMonitor,
+        JacobianSpectrumMonitor,
+        LossLandscapeMonitor,
+        WeightNormMonitor,
+    )
 
     every = max(1, steps_per_epoch // 4)
     return [
         GradientFlowMonitor(every_n_steps=every, save_figures=False, warn=False),
         WeightNormMonitor(every_n_steps=every, save_figures=False),
+        CovariateShiftMonitor(every_n_steps=steps_per_epoch, save_figures=False),
+        LossLandscapeMonitor(every_n_steps=steps_per_epoch, save_figures=False),
+        JacobianSpectrumMonitor(every_n_steps=steps_per_epoch, save_figures=False),
     ]
 
 
@@ -309,16 +455,13 @@ def _epoch_timer() -> Any:
 
 
 def _diagnostics_summary(callbacks: Sequence[Any]) -> dict[str, Any]:
-    """The monitors' in-memory histories as plain JSON data (see :mod:`normzoo.study.report`)."""
-    out: dict[str, Any] = {}
-    for cb in callbacks:
-        name = type(cb).__name__
-        history = getattr(cb, "history", None)
-        if history is None:
-            continue
-        key = "gradient_flow" if "Gradient" in name else "weight_norm" if "WeightNorm" in name else name
-        out[key] = _jsonable(_to_plain(history))
-    return out
+    """The monitors' in-memory histories as plain JSON data, under the keys of :data:`DIAGNOSTICS`."""
+    keys = {cls: key for key, cls in DIAGNOSTICS.items()}
+    return {
+        keys[type(cb).__name__]: _jsonable(_to_plain(cb.history))
+        for cb in callbacks
+        if type(cb).__name__ in keys
+    }
 
 
 def _to_plain(value: Any) -> Any:
@@ -346,11 +489,14 @@ def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> di
     from normzoo.lightning import ClassificationModule
     from normzoo.models import count_parameters
 
+    from .renorm import summarize_activity
+
     data = data or _Data(config)
-    dm = data.get(spec.recipe.batch_size)
+    dm = data.get(spec.recipe.batch_size, spec.recipe.classes_per_batch)
     r = spec.recipe
+    schedule = renorm_schedule(spec, config, len(dm.train_set)) if spec.variant == "renorm" else None
     L.seed_everything(spec.seed, workers=True, verbose=False)
-    model = _build_model(spec, config, dm)
+    model = _build_model(spec, config, dm, schedule)
     module = ClassificationModule(
         model,
         int(dm.num_classes),
@@ -370,6 +516,12 @@ def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> di
     if limit is not None:
         steps_per_epoch = min(steps_per_epoch, limit)
     diagnostics = _diagnostic_callbacks(steps_per_epoch) if spec.diagnostics else []
+    activity = None
+    if schedule is not None:
+        from .renorm import RenormActivity
+
+        activity = RenormActivity(every_n_steps=max(1, int(schedule.total_steps) // 200))
+        diagnostics.append(activity)
     early = EarlyStopping(monitor="val/loss", mode="min", patience=r.early_stop_patience, check_finite=True)
     accelerator = _accelerator_name(config.accelerator)
     with _quiet_lightning():
@@ -490,7 +642,15 @@ def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> di
             }
             for h in history.history
         ],
-        "diagnostics": _diagnostics_summary(diagnostics) if diagnostics else None,
+        "diagnostics": _diagnostics_summary([d for d in diagnostics if d is not activity]) or None,
+        "renorm": None
+        if schedule is None or activity is None
+        else {
+            # the layers' defaults: r_max 3 and d_max 5, reached at the schedule's breakpoints
+            "schedule": {**schedule.as_dict(), "r_max": 3.0, "d_max": 5.0},
+            "activity": _jsonable(activity.history),
+            "after_warmup": _jsonable(summarize_activity(activity.history, schedule.breakpoints[0])),
+        },
     }
     return record
 
@@ -554,12 +714,17 @@ def run_study(config: StudyConfig, *, plan: Sequence[RunSpec] | None = None) -> 
             "the selection leaves no run to do: the factors/models/variants chosen do not meet in preset "
             f"{config.preset!r}; --preset full starts from the whole grid"
         )
-    out = Path(config.out)
+    out = check_output_folder(config.out)
     runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    for stale in runs_dir.glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    with StudyLock(out):
+        # only now, holding the folder: temporary files left by a study that was killed are no one's
+        for stale in runs_dir.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        return _run_locked(config, plan, out, runs_dir)
+
+
+def _run_locked(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Path) -> StudyResult:
     # leave the caller's process as it was: thread count and the variables that seed_everything sets
     threads_before = torch.get_num_threads()
     env_before = {name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
@@ -576,8 +741,69 @@ def run_study(config: StudyConfig, *, plan: Sequence[RunSpec] | None = None) -> 
                 os.environ[name] = value
 
 
-def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Path) -> StudyResult:
+def default_workers(config: StudyConfig) -> int:
+    """``config.workers``, or the CPU cores this process may use when training on the CPU (1 on a GPU)."""
+    if config.workers is not None:
+        return config.workers
+    if _accelerator_name(config.accelerator) != "cpu":
+        return 1
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
+
+#: one data module per worker process, built on its first run
+_WORKER_DATA: dict[str, _Data] = {}
+
+
+def _worker_init(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _attempt(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> tuple[str, Any, str]:
+    """Train ``spec``: ``("ok", record, "")``, or ``("error", "Type: message", traceback)`` when it raised.
+
+    Runs in the study's process or in a worker; in a worker the data module is built once per process.
+    """
+    if data is None:
+        data = _WORKER_DATA.setdefault(config.dataset, _Data(config))
+    try:
+        return "ok", run_one(spec, config, data), ""
+    except Exception as error:  # one broken run must not cost the others: report it, go on
+        return "error", f"{type(error).__name__}: {error}", traceback.format_exc()
+
+
+def _attempts(
+    config: StudyConfig, plan: list[RunSpec], todo: list[int], data: _Data, workers: int
+) -> Iterator[tuple[int, tuple[str, Any, str]]]:
+    """``(index, outcome of _attempt)`` for every run of ``todo``: in this process one after the other, or in
+    ``workers`` worker processes as they finish. Each run is seeded on its own and trains with the same
+    number of threads either way, so its record is the same."""
+    if workers <= 1 or len(todo) <= 1:
+        for i in todo:
+            yield i, _attempt(plan[i], config, data)
+        return
+    import concurrent.futures as cf
+    import multiprocessing
+
+    # "spawn": a fresh interpreter per worker, never a fork of a process that holds torch's thread pools
+    pool = cf.ProcessPoolExecutor(
+        max_workers=min(workers, len(todo)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(config.threads,),
+    )
+    try:
+        futures = {pool.submit(_attempt, plan[i], config): i for i in todo}
+        for future in cf.as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Path) -> StudyResult:
     keys = [run_key(spec, config) for spec in plan]
     records: list[dict[str, Any] | None] = [None] * len(plan)
     todo: list[int] = []
@@ -596,18 +822,20 @@ def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Pat
         weights = {i: _run_weight(plan[i], config, n_train) for i in todo}
         total_weight = sum(weights.values())
         done_weight = 0.0
+        workers = default_workers(config)
         bar = _progress_bar(len(plan), result.cached, config.progress)
+        if workers > 1:
+            bar.set_description(f"{min(workers, len(todo))} workers")
         try:
-            for i in todo:
+            for i, (status, value, trace) in _attempts(config, plan, todo, data, workers):
                 spec = plan[i]
-                bar.set_description(
-                    f"{spec.model} {spec.experiment}:{spec.level.label} {spec.variant} s{spec.seed}"
-                )
+                if workers <= 1:
+                    bar.set_description(
+                        f"{spec.model} {spec.experiment}:{spec.level.label} {spec.variant} s{spec.seed}"
+                    )
                 error_log = runs_dir / f"{keys[i]}.error.txt"
-                try:
-                    record = run_one(spec, config, data)
-                except Exception as error:  # one broken run must not cost the others: record it, go on
-                    error_log.write_text(traceback.format_exc(), encoding="utf-8")
+                if status == "error":
+                    error_log.write_text(trace, encoding="utf-8")
                     result.failed.append(
                         {
                             "key": keys[i],
@@ -616,12 +844,13 @@ def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Pat
                             "model": spec.model,
                             "variant": spec.variant,
                             "seed": spec.seed,
-                            "error": f"{type(error).__name__}: {error}",
+                            "error": value,
                             "log": str(error_log),
                         }
                     )
-                    _log.error("run %s failed: %s (traceback in %s)", keys[i], error, error_log)
+                    _log.error("run %s failed: %s (traceback in %s)", keys[i], value, error_log)
                 else:
+                    record = value
                     _write_json_atomic(runs_dir / f"{keys[i]}.json", record)
                     with contextlib.suppress(OSError):
                         error_log.unlink()

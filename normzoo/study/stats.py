@@ -40,22 +40,27 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "CEILING",
+    "CLAIMS",
+    "MEASURES",
     "VERDICTS",
     "Cell",
+    "Claim",
     "Comparison",
     "Finding",
     "Score",
     "cells",
+    "claims_for",
     "compare",
     "comparisons",
     "epochs_to_target",
     "findings",
+    "finite_mean",
     "overhead_table",
     "scoreboard",
 ]
@@ -70,8 +75,21 @@ Record = Mapping[str, Any]
 _EPS = 1e-9
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+def finite_mean(values: Iterable[float | None]) -> float:
+    """The mean of the finite values (``None``, ``nan`` and infinities left out); ``nan`` when none is left.
+
+    The one mean of the study's numbers: a diverged run's ``nan`` never poisons an average silently, and an
+    average of nothing is ``nan``, never 0.
+
+    Example:
+        >>> finite_mean([1.0, None, float("nan"), 3.0]), finite_mean([])
+        (2.0, nan)
+    """
+    clean = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(clean) / len(clean) if clean else math.nan
+
+
+_mean = finite_mean
 
 
 def _sd(values: Sequence[float]) -> float:
@@ -291,29 +309,34 @@ def overhead_table(records: Iterable[Record], measure: str | None = None) -> lis
         >>> row["batch_size"], row["measure"], round(row["overhead"]["batchnorm"], 2)
         (64, 'wall', 0.2)
     """
+    import pandas as pd
+
     used = [r for r in records if r["experiment"] in ("baseline", "batch_size")]
     measure = measure or time_measure(used)
     field_name = "epoch_cpu_time_s" if measure == "cpu" else "epoch_time_s"
-    table = cells(used)
-    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for (dataset, _exp, _level, model, variant), cell in table.items():
-        sizes = {int((r.get("recipe") or {}).get("batch_size", 0)) for r in cell.runs}
-        if len(sizes) != 1:
-            continue
-        bs = sizes.pop()
-        row = rows.setdefault(
-            (dataset, model, bs),
-            {"dataset": dataset, "model": model, "batch_size": bs, "time": {}, "measure": measure},
-        )
-        t = cell.mean(field_name)
-        if not math.isnan(t):
-            row["time"][variant] = t
+    frame = pd.DataFrame(
+        {
+            "dataset": str(r["dataset"]),
+            "model": str(r["model"]),
+            "variant": str(r["variant"]),
+            "batch_size": int((r.get("recipe") or {}).get("batch_size", 0)),
+            "time": pd.to_numeric(r.get(field_name), errors="coerce"),
+        }
+        for r in used
+    )
+    if frame.empty:
+        return []
+    # mean over seeds, the same finite-only mean as everywhere in the study (pandas skips NaN)
+    times = frame.groupby(["dataset", "model", "batch_size", "variant"])["time"].mean().unstack("variant")
     out = []
-    for key in sorted(rows):
-        row = rows[key]
-        base = row["time"].get("vanilla")
-        row["overhead"] = {v: (t / base - 1.0) for v, t in row["time"].items() if v != "vanilla" and base}
-        out.append(row)
+    for (dataset, model, bs), row in times.iterrows():
+        time = {str(v): float(t) for v, t in row.items() if pd.notna(t)}
+        base = time.get("vanilla")
+        overhead = {v: t / base - 1.0 for v, t in time.items() if v != "vanilla" and base}
+        out.append(
+            {"dataset": dataset, "model": model, "batch_size": int(bs), "time": time, "measure": measure,
+             "overhead": overhead}
+        )  # fmt: skip
     return out
 
 
@@ -331,6 +354,16 @@ class Finding:
     verdict: str
     evidence: list[str] = field(default_factory=list)
     caveats: list[str] = field(default_factory=list)
+    #: the claim's headline number: ``(value, spread, unit)``; ``unit`` is ``"points"`` (an accuracy
+    #: difference, spread = the draw threshold) or ``"ratio"`` (a measurement of the variant over the
+    #: reference's, spread = 0); ``None`` when nothing was measured
+    effect: tuple[float, float, str] | None = None
+    source: str = ""
+
+    def note(self, comp: Comparison) -> None:
+        """Make ``comp`` the headline effect unless one is set already."""
+        if self.effect is None and not math.isnan(comp.delta):
+            self.effect = (comp.delta, comp.threshold, "points")
 
     @property
     def text(self) -> str:
@@ -386,6 +419,9 @@ class _Ctx:
                 return c
         return None
 
+    def all_levels(self, experiment: str) -> list[str]:
+        return list(dict.fromkeys(k[2] for k in self.table if k[1] == experiment))
+
     def levels(self, experiment: str, model: str) -> list[str]:
         seen: list[str] = []
         for k in self.table:
@@ -440,6 +476,7 @@ def _f_baseline(ctx: _Ctx) -> Finding:
         if van is None or bn is None:
             continue
         comp = compare(bn, van, ctx.margin)
+        f.note(comp)
         checks.append(_outcome_check(comp.outcome, "win"))
         f.evidence.append(_cmp_text(comp, f"{model.upper()} baseline test accuracy"))
         target = 0.99 * min(bn.mean("best_val_acc"), van.mean("best_val_acc"))
@@ -470,6 +507,7 @@ def _f_rescue(ctx: _Ctx, key: str, title: str, experiment: str, level: str, fast
         if van is None or bn is None:
             continue
         comp = compare(bn, van, ctx.margin)
+        f.note(comp)
         checks.append(van.stuck)
         checks.append(_outcome_check(comp.outcome, "win") if not bn.stuck else False)
         f.evidence.append(
@@ -518,6 +556,7 @@ def _f_weight_decay(ctx: _Ctx) -> Finding:
                 f"without ({comp.outcome} for weight decay)."
             )
         comp = compare(cs["batchnorm"], cs["vanilla"], ctx.margin)  # type: ignore[arg-type]
+        f.note(comp)
         checks.append(_outcome_check(comp.outcome, "win"))
         f.evidence.append(_cmp_text(comp, f"{model.upper()} with weight decay"))
         involved += [*cs.values(), *base.values()]
@@ -539,6 +578,7 @@ def _f_dropout(ctx: _Ctx) -> Finding:
             if van is None or bn is None:
                 continue
             comp = compare(bn, van, ctx.margin)
+            f.note(comp)
             checks.append(comp.outcome == "draw")
             f.evidence.append(_cmp_text(comp, f"{model.upper()} with dropout {level}"))
             involved += [van, bn]
@@ -578,6 +618,7 @@ def _f_batch_sizes(ctx: _Ctx) -> Finding:
             if van is None or bn is None:
                 continue
             comp = compare(bn, van, ctx.margin)
+            f.note(comp)
             checks.append(_outcome_check(comp.outcome, "win"))
             parts.append(f"{bs}: {_pts(comp.delta)} ({comp.outcome})")
             involved += [van, bn]
@@ -595,34 +636,205 @@ def _f_batch_sizes(ctx: _Ctx) -> Finding:
     return f
 
 
-def _f_small_batch(ctx: _Ctx) -> Finding:
-    f = Finding("small_batch", "BN hurts at batch size 4; Batch Renormalization is the remedy", "", "")
+def _recovery(ctx: _Ctx, f: Finding, settings: Sequence[tuple[str, str, str]]) -> list[bool | None]:
+    """Ioffe 2017's two checks in each setting ``(experiment, level, label)``: BN loses to vanilla, and
+    Batch Renormalization recovers at least half of that loss (and beats BN beyond the draw threshold)."""
     checks: list[bool | None] = []
     involved: list[Cell | None] = []
     for model in ctx.models:
-        for bs, exp, level in _batch_size_of(ctx, model):
-            if bs > 8:
+        for experiment, level, label in settings:
+            van, bn, rn, noisy = (
+                ctx.cell(experiment, level, model, v) for v in ("vanilla", "batchnorm", "renorm", "noisy")
+            )
+            if van is None or bn is None:
                 continue
-            van, bn, rn = (ctx.cell(exp, level, model, v) for v in ("vanilla", "batchnorm", "renorm"))
-            if van is not None and bn is not None:
-                comp = compare(bn, van, ctx.margin)
-                checks.append(_outcome_check(comp.outcome, "loss"))
-                f.evidence.append(_cmp_text(comp, f"{model.upper()} at batch size {bs}, BN vs vanilla"))
-                involved += [van, bn]
-            if rn is not None and bn is not None:
-                comp = compare(rn, bn, ctx.margin)
-                checks.append(_outcome_check(comp.outcome, "win"))
-                f.evidence.append(_cmp_text(comp, f"{model.upper()} at batch size {bs}, renorm vs batchnorm"))
-                involved += [rn]
-    f.verdict = _verdict(checks)
+            loss = compare(bn, van, ctx.margin)
+            checks.append(_outcome_check(loss.outcome, "loss"))
+            f.evidence.append(_cmp_text(loss, f"{model.upper()} {label}, BN vs vanilla"))
+            involved += [van, bn, rn, noisy]
+            if rn is not None:
+                gain = compare(rn, bn, ctx.margin)
+                lost = -loss.delta
+                if loss.outcome == "loss" and lost > 0:
+                    share = gain.delta / lost
+                    if f.effect is None:
+                        f.effect = (gain.delta, gain.threshold, "points")
+                    checks.append(gain.outcome == "win" and share >= 0.5)
+                    f.evidence.append(
+                        f"Batch Renormalization {_pct(rn.mean())}: {_pts(gain.delta)} over BN ({gain.outcome}), "
+                        f"{100 * share:.0f} % of BN's loss recovered."
+                    )
+                else:
+                    f.evidence.append(
+                        f"Batch Renormalization {_pct(rn.mean())} ({_pts(gain.delta)} over BN)."
+                    )
+            if noisy is not None:
+                f.evidence.append(f"Noisy BN {_pct(noisy.mean())}.")
     f.caveats = ctx.caveats_for(*involved)
-    if involved and f.verdict != "reproduced":
+    return checks
+
+
+def _f_small_batch(ctx: _Ctx) -> Finding:
+    f = Finding("small_batch", "Tiny batches: BN loses accuracy, Batch Renormalization recovers it", "", "")
+    settings = []
+    for model in ctx.models:
+        for bs, exp, level in _batch_size_of(ctx, model):
+            if bs <= 8 and (exp, level, f"at batch size {bs}") not in settings:
+                settings.append((exp, level, f"at batch size {bs}"))
+    checks = _recovery(ctx, f, settings)
+    f.verdict = _verdict(checks)
+    return f
+
+
+def _f_non_iid(ctx: _Ctx) -> Finding:
+    f = Finding("non_iid", "Non-i.i.d. batches: BN loses accuracy, Batch Renormalization recovers it", "", "")
+    settings = [("non_iid", level, f"with {level}") for level in ctx.all_levels("non_iid")]
+    f.verdict = _verdict(_recovery(ctx, f, settings))
+    return f
+
+
+def _f_renorm_acted(ctx: _Ctx) -> Finding:
+    """Whether Batch Renormalization's correction was active after its (scaled) warm-up."""
+    f = Finding("renorm_acted", "Batch Renormalization acted after its warm-up", "", "")
+    checks: list[bool | None] = []
+    for cell in ctx.table.values():
+        if cell.variant != "renorm":
+            continue
+        runs = [r for r in cell.runs if (r.get("renorm") or {}).get("after_warmup")]
+        if not runs:
+            continue
+        layers = list(runs[0]["renorm"]["after_warmup"])
+        summary = {
+            layer: {
+                key: finite_mean(r["renorm"]["after_warmup"].get(layer, {}).get(key) for r in runs)
+                for key in ("r_at_bound", "d_at_bound", "mean_abs_r_minus_1", "mean_abs_d")
+            }
+            for layer in layers
+        }
+        acted = all(v["mean_abs_d"] > 0 or v["mean_abs_r_minus_1"] > 0 for v in summary.values())
+        checks.append(acted)
+        sched = runs[0]["renorm"]["schedule"]
+        setting = "baseline" if cell.experiment == "baseline" else f"{cell.experiment}: {cell.level}"
+        f.evidence.append(
+            f"{cell.model.upper()} {setting} (schedule: warm-up {sched['warmup_steps']} steps, d_max 5 at "
+            f"{sched['d_max_steps']}, r_max 3 at {sched['r_max_steps']} of {sched['total_steps']}): "
+            + ", ".join(
+                f"{layer} r at a bound {100 * v['r_at_bound']:.0f} %, d at a bound {100 * v['d_at_bound']:.0f} %, "
+                f"mean |r-1| {v['mean_abs_r_minus_1']:.2f}, mean |d| {v['mean_abs_d']:.2f}"
+                for layer, v in summary.items()
+            )
+            + "."
+        )
+    f.verdict = _verdict(checks)
+    if checks:
         f.caveats.append(
-            "Batch Renormalization's advantage in the paper comes from r and d correcting the batch statistics "
-            "after thousands of steps (r_max and d_max are relaxed from step 5,000 on); a short run on a small "
-            "dataset stays mostly in the phase where it equals BatchNorm"
+            "measured after the warm-up, as averages over the sampled steps and the seeds; 'at a bound' is the "
+            "fraction of channels whose r or d the clip held"
         )
     return f
+
+
+def _diag_run(cell: Cell | None) -> Record | None:
+    return next((r for r in cell.runs if r.get("diagnostics")), None) if cell is not None else None
+
+
+def _diag_measure(record: Record | None, name: str) -> float | None:
+    """One number per run from a monitor's history (see :data:`MEASURES`); ``None`` when it was not recorded."""
+    history = ((record or {}).get("diagnostics") or {}).get(name) or []
+    if not history:
+        return None
+    value = MEASURES[name](history)
+    return None if math.isnan(value) else value
+
+
+def _ics(history: Sequence[Record]) -> float:
+    # Santurkar's l2 distance, averaged over samples and the layers after the first (whose G' = G)
+    return finite_mean(v["l2"] for h in history for v in list(h["layers"].values())[1:])
+
+
+def _beta(history: Sequence[Record]) -> float:
+    return finite_mean(h.get("beta") for h in history)
+
+
+def _weight_growth(history: Sequence[Record]) -> float:
+    first, last = history[0]["layers"], history[-1]["layers"]
+    return finite_mean(last[n]["norm"] / first[n]["norm"] for n in first if n in last and first[n]["norm"])
+
+
+def _isometry_gap(history: Sequence[Record]) -> float:
+    # |log rms singular value|: 0 for an isometry
+    return finite_mean(
+        abs(math.log(v["rms"]))
+        for h in history
+        for v in h["layers"].values()
+        if v.get("rms") and v["rms"] > 0
+    )
+
+
+#: One number per diagnostics run for each "why BN works" measure.
+MEASURES = {"ics": _ics, "landscape": _beta, "weight_norm": _weight_growth, "jacobian": _isometry_gap}
+
+
+def _f_measure(
+    ctx: _Ctx, key: str, title: str, name: str, what: str, variant: str, reference: str, smaller: bool
+) -> Finding:
+    """A measurement claim: ``variant``'s measure ``name`` is smaller (or larger) than ``reference``'s, at the
+    baseline and with sigmoid, on the first seed (the run that records diagnostics)."""
+    f = Finding(key, title, "", "")
+    checks: list[bool | None] = []
+    for model in ctx.models:
+        for experiment, level in (("baseline", "baseline"), ("activation", "sigmoid")):
+            a = _diag_measure(_diag_run(ctx.cell(experiment, level, model, variant)), name)
+            b = _diag_measure(_diag_run(ctx.cell(experiment, level, model, reference)), name)
+            if a is None or b is None:
+                continue
+            ratio = a / b if b else math.inf
+            checks.append(a < b if smaller else a > b)
+            if f.effect is None and math.isfinite(ratio):
+                f.effect = (ratio, 0.0, "ratio")
+            setting = "baseline" if experiment == "baseline" else "sigmoid"
+            f.evidence.append(
+                f"{model.upper()} {setting}, {what}: {variant} {a:.3g}, {reference} {b:.3g} (ratio {ratio:.2f})."
+            )
+    f.verdict = _verdict(checks)
+    if checks:
+        f.caveats.append("one seed (the first records the diagnostics): no spread is known")
+    return f
+
+
+def _f_ics(ctx: _Ctx) -> Finding:
+    f = _f_measure(
+        ctx, "ics", "Noisy BN has more internal covariate shift than BN", "ics",
+        "internal covariate shift (mean ‖G − G'‖)", "noisy", "batchnorm", smaller=False,
+    )  # fmt: skip
+    for model in ctx.models:  # "yet trains about as well as BN"
+        noisy, bn = (ctx.cell("baseline", "baseline", model, v) for v in ("noisy", "batchnorm"))
+        if noisy is not None and bn is not None and f.verdict != "not run":
+            comp = compare(noisy, bn, ctx.margin)
+            f.evidence.append(_cmp_text(comp, f"{model.upper()} baseline accuracy, noisy BN vs BN"))
+    return f
+
+
+def _f_landscape(ctx: _Ctx) -> Finding:
+    return _f_measure(
+        ctx, "landscape", "BN makes the loss smoother along the gradient", "landscape",
+        "effective β-smoothness (mean over samples)", "batchnorm", "vanilla", smaller=True,
+    )  # fmt: skip
+
+
+def _f_weight_norm(ctx: _Ctx) -> Finding:
+    return _f_measure(
+        ctx, "weight_norm", "BN limits the growth of the weight norms", "weight_norm",
+        "weight-norm growth (last / first sample, mean over layers)", "batchnorm", "vanilla", smaller=True,
+    )  # fmt: skip
+
+
+def _f_jacobian(ctx: _Ctx) -> Finding:
+    return _f_measure(
+        ctx, "jacobian", "BN keeps the Jacobian's singular values nearer 1", "jacobian",
+        "|log rms singular value| of the blocks' Jacobians (0: an isometry)", "batchnorm", "vanilla",
+        smaller=True,
+    )  # fmt: skip
 
 
 def _f_walltime(ctx: _Ctx) -> Finding:
@@ -683,6 +895,7 @@ def _f_activations(ctx: _Ctx) -> Finding:
             if van is None or bn is None:
                 continue
             comp = compare(bn, van, ctx.margin)
+            f.note(comp)
             name = "relu" if exp == "baseline" else level
             deltas[name] = comp.delta
             checks.append(_outcome_check(comp.outcome, "win"))
@@ -710,6 +923,7 @@ def _f_optimizer(ctx: _Ctx) -> Finding:
             if adam is None or sgd_bn is None:
                 continue
             comp = compare(sgd_bn, adam, ctx.margin)
+            f.note(comp)
             checks.append(comp.outcome == "draw")
             f.evidence.append(
                 f"{model.upper()}: SGD with batchnorm {_pct(sgd_bn.mean())} vs {level} without "
@@ -740,6 +954,7 @@ def _f_noisy(ctx: _Ctx) -> Finding:
         if van is None or noisy is None:
             continue
         comp = compare(noisy, van, ctx.margin)
+        f.note(comp)
         checks.append(_outcome_check(comp.outcome, "win"))
         f.evidence.append(_cmp_text(comp, f"{model.upper()} baseline, noisy BN vs vanilla"))
         if bn is not None:
@@ -782,6 +997,8 @@ def _f_gradient_flow(ctx: _Ctx) -> Finding:
         if g_van is None or g_bn is None:
             continue
         checks.append(g_bn[0] > 2 * g_van[0])
+        if f.effect is None and g_van[0] > 0:
+            f.effect = (g_bn[0] / g_van[0], 0.0, "ratio")
         f.evidence.append(
             f"{model.upper()} with sigmoid, mean |gradient| of the first layer in the first epoch: batchnorm "
             f"{g_bn[0]:.2e}, vanilla {g_van[0]:.2e} (last layer: {g_bn[1]:.2e} and {g_van[1]:.2e})."
@@ -792,78 +1009,111 @@ def _f_gradient_flow(ctx: _Ctx) -> Finding:
     return f
 
 
-#: The claims :func:`findings` checks: key -> (title, the published claim, where it comes from).
-CLAIMS: dict[str, tuple[str, str]] = {
-    "accuracy": ("BN gives a higher accuracy and converges in fewer epochs.", "Schilling; Ioffe & Szegedy"),
-    "sigmoid": ("With sigmoid (+ Xavier init) vanilla is stuck at chance while BN trains.", "Schilling"),
-    "lr": (
-        "With a learning rate x10 (0.1) vanilla is stuck while BN trains, better and faster.",
-        "Schilling",
-    ),
-    "init": ("With N(0, 1) initialization vanilla is stuck while BN trains.", "Schilling"),
-    "weight_decay": ("L2 weight decay 5e-4 improves both, and BN stays ahead.", "Schilling"),
-    "dropout": ("With dropout 0.5 vanilla and BN draw.", "Schilling"),
-    "batch_size": ("BN is ahead at every batch size from 32 to 1024.", "Schilling"),
-    "small_batch": (
-        "BN hurts at batch size 4; Batch Renormalization is the remedy.",
-        "MNIST MLP study; Ioffe 2017",
-    ),
-    "walltime": ("BN costs 15-20 % more wall time per epoch.", "Schilling, Table B.4"),
-    "activations": (
-        "BN helps with every activation (relu, leaky relu, sigmoid, softplus, tanh), most with sigmoid.",
-        "MNIST MLP study",
-    ),
-    "optimizer": ("ReLU-SGD with BN is about as good as ReLU-Adam without BN.", "MNIST MLP study"),
-    "gradient_flow": (
-        "With sigmoid, BN keeps the gradients of the first layers alive where vanilla's vanish (e.g. 0.1 vs 0.02).",
-        "Schilling",
-    ),
-    "noisy": (
-        "BN with noise injected after it (unstable layer inputs) still trains better than vanilla.",
-        "Santurkar et al. 2018",
-    ),
-}
+@dataclass(frozen=True)
+class Claim:
+    """One published claim: its text and source, the runs it needs, and the check that decides it.
+
+    :data:`CLAIMS` is the one registry: :func:`findings` runs every ``decide``, the report's verdict figure,
+    findings section and per-factor "published claims" are generated from it.
+    """
+
+    key: str
+    text: str
+    source: str
+    #: the factors whose runs it reads (the report lists it under each of them)
+    factors: tuple[str, ...]
+    #: what to select to run it (``--factors ...``), shown when the study did not run it
+    needs: str
+    decide: Callable[[_Ctx], Finding]
+
+
+def _claims(*claims: Claim) -> dict[str, Claim]:
+    return {c.key: c for c in claims}
+
+
+def _rescue(
+    key: str, title: str, experiment: str, level: str, faster: bool = False
+) -> Callable[[_Ctx], Finding]:
+    return lambda ctx: _f_rescue(ctx, key, title, experiment, level, faster)
+
+
+SCHILLING = "Schilling, The effect of batch normalization on deep CNNs"
+MLP_STUDY = "Schilling's MNIST MLP study"
+SANTURKAR = "Santurkar et al. 2018, How does batch normalization help optimization?"
+IOFFE_2015 = "Ioffe & Szegedy 2015"
+IOFFE_2017 = "Ioffe 2017, Batch Renormalization, sections 4.2-4.3"
+
+#: The claims of the study, in report order.
+CLAIMS: dict[str, Claim] = _claims(
+    Claim("accuracy", "BN gives a higher accuracy and converges in fewer epochs.", f"{SCHILLING}; {IOFFE_2015}",
+          ("baseline",), "baseline", _f_baseline),
+    Claim("sigmoid", "With sigmoid (+ Xavier init) vanilla is stuck at chance while BN trains.", SCHILLING,
+          ("activation",), "activation:sigmoid",
+          _rescue("sigmoid", "Sigmoid: vanilla stuck, BN trains", "activation", "sigmoid")),
+    Claim("lr", "With a learning rate x10 (0.1) vanilla is stuck while BN trains, better and faster.", SCHILLING,
+          ("lr",), "lr",
+          _rescue("lr", "Learning rate x10: vanilla stuck, BN better and faster", "lr", "lr=0.1", faster=True)),
+    Claim("init", "With N(0, 1) initialization vanilla is stuck while BN trains.", SCHILLING, ("init",), "init",
+          _rescue("init", "N(0, 1) initialization: vanilla stuck, BN trains", "init", "normal(1.0)")),
+    Claim("weight_decay", "L2 weight decay 5e-4 improves both, and BN stays ahead.", SCHILLING,
+          ("weight_decay",), "baseline,weight_decay", _f_weight_decay),
+    Claim("dropout", "With dropout 0.5 vanilla and BN draw.", SCHILLING, ("dropout",), "dropout", _f_dropout),
+    Claim("batch_size", "BN is ahead at every batch size from 32 to 1024.", SCHILLING, ("batch_size",),
+          "baseline,batch_size", _f_batch_sizes),
+    Claim("small_batch", "BN hurts with tiny batches (2, 4, 8); Batch Renormalization recovers most of the loss.",
+          f"{MLP_STUDY}; {IOFFE_2017}", ("batch_size",),
+          "batch_size:bs=4 with --variants vanilla,batchnorm,renorm", _f_small_batch),
+    Claim("non_iid", "With non-i.i.d. batches (each from two classes) BN loses accuracy; Batch Renormalization "
+          "recovers most of it.", IOFFE_2017, ("non_iid",), "non_iid with --variants vanilla,batchnorm,renorm",
+          _f_non_iid),
+    Claim("renorm_acted", "Batch Renormalization corrects the batch statistics (r != 1, d != 0) once its warm-up "
+          "ends; otherwise it is BatchNorm.", IOFFE_2017, ("baseline", "batch_size", "non_iid"),
+          "any setting with --variants renorm", _f_renorm_acted),
+    Claim("walltime", "BN costs 15-20 % more wall time per epoch.", f"{SCHILLING}, Table B.4",
+          ("baseline", "batch_size"), "baseline,batch_size", _f_walltime),
+    Claim("activations", "BN helps with every activation (relu, leaky relu, sigmoid, softplus, tanh), most with "
+          "sigmoid.", MLP_STUDY, ("activation",), "baseline,activation", _f_activations),
+    Claim("optimizer", "ReLU-SGD with BN is about as good as ReLU-Adam without BN.", MLP_STUDY, ("optimizer",),
+          "baseline,optimizer", _f_optimizer),
+    Claim("noisy", "BN with noise injected after it (unstable layer inputs) still trains better than vanilla.",
+          SANTURKAR, ("baseline",), "baseline with --variants vanilla,batchnorm,noisy", _f_noisy),
+    Claim("ics", "Noisy BN has more internal covariate shift than BN, yet trains about as well: a stable input "
+          "distribution is not why BN works.", SANTURKAR, ("baseline", "activation"),
+          "baseline,activation:sigmoid with --variants vanilla,batchnorm,noisy", _f_ics),
+    Claim("landscape", "BN makes the loss landscape smoother: a smaller effective β-smoothness along the "
+          "gradient.", SANTURKAR, ("baseline", "activation"), "baseline,activation:sigmoid", _f_landscape),
+    Claim("weight_norm", "BN limits the growth of the weight norms.", f"{SCHILLING}; {SANTURKAR}",
+          ("baseline", "activation"), "baseline,activation:sigmoid", _f_weight_norm),
+    Claim("gradient_flow", "With sigmoid, BN keeps the gradients of the first layers alive where vanilla's "
+          "vanish (e.g. 0.1 vs 0.02).", SCHILLING, ("activation",), "activation:sigmoid", _f_gradient_flow),
+    Claim("jacobian", "BN pushes the singular values of the layers' input-output Jacobians towards 1 "
+          "(dynamical isometry).", f"{SCHILLING}; Pennington et al. 2017", ("baseline", "activation"),
+          "baseline,activation:sigmoid", _f_jacobian),
+)  # fmt: skip
+
+
+def claims_for(factor: str) -> list[Claim]:
+    """The claims that read the runs of ``factor``.
+
+    Example:
+        >>> [c.key for c in claims_for("non_iid")]
+        ['non_iid', 'renorm_acted']
+    """
+    return [c for c in CLAIMS.values() if factor in c.factors]
 
 
 def findings(records: Sequence[Record], draw_margin: float = 0.01) -> list[Finding]:
-    """The verdict on each published claim (see :data:`CLAIMS`), computed from the records alone."""
+    """The verdict on each claim of :data:`CLAIMS`, computed from the records alone."""
     ctx = _Ctx(records, draw_margin)
-    out = [
-        _f_baseline(ctx),
-        _f_rescue(ctx, "sigmoid", "Sigmoid: vanilla stuck, BN trains", "activation", "sigmoid"),
-        _f_rescue(
-            ctx, "lr", "Learning rate x10: vanilla stuck, BN better and faster", "lr", "lr=0.1", faster=True
-        ),
-        _f_rescue(ctx, "init", "N(0, 1) initialization: vanilla stuck, BN trains", "init", "normal(1.0)"),
-        _f_weight_decay(ctx),
-        _f_dropout(ctx),
-        _f_batch_sizes(ctx),
-        _f_small_batch(ctx),
-        _f_walltime(ctx),
-        _f_activations(ctx),
-        _f_optimizer(ctx),
-        _f_gradient_flow(ctx),
-        _f_noisy(ctx),
-    ]
-    hints = {
-        "accuracy": "baseline",
-        "sigmoid": "activation:sigmoid",
-        "lr": "lr",
-        "init": "init",
-        "weight_decay": "baseline,weight_decay",
-        "dropout": "dropout",
-        "batch_size": "baseline,batch_size",
-        "small_batch": "batch_size:bs=4 with --variants vanilla,batchnorm,renorm",
-        "walltime": "baseline,batch_size",
-        "activations": "baseline,activation",
-        "optimizer": "baseline,optimizer",
-        "gradient_flow": "activation:sigmoid (its first seed records the gradients)",
-        "noisy": "baseline with --variants vanilla,batchnorm,noisy",
-    }
-    for f in out:
-        claim, source = CLAIMS[f.key]
-        f.claim = f"{claim} ({source})"
+    out = []
+    for claim in CLAIMS.values():
+        f = claim.decide(ctx)
+        f.key = claim.key
+        f.claim = f"{claim.text} ({claim.source})"
+        f.source = claim.source
         if f.verdict == "not run":
-            f.evidence = [f"This study did not run the settings it needs (--factors {hints[f.key]})."]
+            f.evidence = [f"This study did not run the settings it needs (--factors {claim.needs})."]
             f.caveats = []
+            f.effect = None
+        out.append(f)
     return out

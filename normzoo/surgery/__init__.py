@@ -17,6 +17,7 @@ from .._activations import ACTIVATION_METHODS as DEFAULT_ACTIVATION_METHODS
 from .._activations import ACTIVATION_MODULES as DEFAULT_ACTIVATION_MODULES
 from ._forward import GraphForward
 from ._modules import BatchNormAct2d, BatchRenormAct2d, LazyNorm, NoisyBatchNormAct2d, NormAct
+from .freeze import FrozenBatchNorm, freeze_bn, unfreeze_bn
 from .fuse import fuse_bn
 from .insert import insert_bn
 from .remove import remove_bn
@@ -39,6 +40,7 @@ __all__ = [
     "BatchNormAct2d",
     "BatchRenormAct2d",
     "BatchStatSums",
+    "FrozenBatchNorm",
     "GraphForward",
     "LazyNorm",
     "NoisyBatchNormAct2d",
@@ -50,6 +52,7 @@ __all__ = [
     "apply_bn_stat_sums",
     "collect_bn_stat_sums",
     "convert_sync",
+    "freeze_bn",
     "fuse_bn",
     "insert_bn",
     "is_synced",
@@ -57,4 +60,5 @@ __all__ = [
     "remove_bn",
     "replace_bn",
     "revert_sync",
+    "unfreeze_bn",
 ]

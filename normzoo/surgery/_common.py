@@ -1,47 +1,27 @@
-"""Helpers shared by the surgery functions: argument checks, copies, module lookup and classification."""
+"""Helpers every surgery pass shares: the model check, copies, module lookup and hooks."""
 
 from __future__ import annotations
 
 import copy
 import sys
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from ..layers import is_batch_norm
-from ._modules import LazyNorm, NormAct
-
 __all__ = [
-    "PRODUCER_TYPES",
-    "bn_act_parts",
     "check_model",
     "copy_model",
     "first_tensor",
-    "has_act",
+    "floating_dtype",
     "hook_dict_names",
-    "is_norm_module",
-    "is_norm_output",
-    "is_surgery_bn",
-    "module_names",
-    "producer_layout",
     "set_submodule",
-    "without_act",
 ]
+
 
 M = TypeVar("M", bound=nn.Module)
 
-#: Modules whose output channels are known from their attributes: the "producers" that feed activations.
-PRODUCER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding)
-
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.modules.instancenorm._InstanceNorm,
-) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 #: The attributes of ``nn.Module`` that hold hooks run around ``forward`` and ``backward``.
 _HOOK_DICTS = (
@@ -130,81 +110,6 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
-
-
-def module_names(root: nn.Module) -> dict[int, list[str]]:
-    """Every dotted name under which each module (by ``id``) is registered; shared modules have several."""
-    names: dict[int, list[str]] = {}
-    for name, module in root.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
-
-
-def has_act(module: nn.Module) -> bool:
-    """Whether a normalization module applies an activation after normalizing (timm's ``BatchNormAct2d``, ours)."""
-    act = getattr(module, "act", None)
-    return isinstance(act, nn.Module) and not isinstance(act, nn.Identity)
-
-
-def bn_act_parts(module: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """The ``(drop, act)`` children of a normalization+activation module such as timm's ``BatchNormAct2d``."""
-    drop = module._modules.get("drop")
-    act = module._modules.get("act")
-    return drop, act
-
-
-def without_act(module: nn.Module) -> nn.Module:
-    """What remains of a norm+act module when its normalization is dropped: its drop and act, or Identity."""
-    drop, act = bn_act_parts(module)
-    has_drop = drop is not None and not isinstance(drop, nn.Identity)
-    if not has_drop:
-        return act if act is not None else nn.Identity()
-    assert drop is not None
-    parts: OrderedDict[str, nn.Module] = OrderedDict(drop=drop)
-    if act is not None:
-        parts["act"] = act
-    return nn.Sequential(parts)
-
-
-def is_norm_module(module: nn.Module) -> bool:
-    """Whether ``module`` normalizes: BatchNorm family (any), LayerNorm, GroupNorm, InstanceNorm, timm's norms."""
-    if is_batch_norm(module) or isinstance(module, (*_NORM_TYPES, NormAct, LazyNorm)):
-        return True
-    return (
-        type(module).__module__.rpartition(".")[2] in ("norm", "norm_act") and "Norm" in type(module).__name__
-    )
-
-
-def is_norm_output(module: nn.Module) -> bool:
-    """Whether the output of ``module`` is a normalized tensor (a norm without an activation after it)."""
-    if isinstance(module, NormAct):
-        return module.act is None
-    return is_norm_module(module) and not has_act(module)
-
-
-def is_surgery_bn(module: nn.Module) -> bool:
-    """A BatchNorm-family layer, or a :class:`NormAct` whose (possibly pending) norm is one."""
-    if is_batch_norm(module):
-        return True
-    if isinstance(module, NormAct):
-        norm = module.norm
-        return is_batch_norm(norm) or (isinstance(norm, LazyNorm) and norm.is_batch_norm)
-    return False
-
-
-def producer_layout(module: nn.Module) -> tuple[str, int, int] | None:
-    """``(layout, features, ndim)`` of what a producer module outputs, or ``None`` for other modules.
-
-    ``layout`` is ``"first"`` for convolutions (channels in dimension 1, ``ndim`` spatial dimensions) and
-    ``"last"`` for Linear, Bilinear and Embedding (features in the last dimension).
-    """
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return "first", int(module.out_channels), len(module.kernel_size)
-    if isinstance(module, (nn.Linear, nn.Bilinear)):
-        return "last", int(module.out_features), 1
-    if isinstance(module, nn.Embedding):
-        return "last", int(module.embedding_dim), 1
-    return None
 
 
 def first_tensor(module: nn.Module) -> Tensor | None:

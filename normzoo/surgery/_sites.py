@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, activation_modules
-from ._common import is_norm_module, is_norm_output, producer_layout
 from ._graph import ModelGraph, Value, first_input
+from ._kinds import is_norm_module, is_norm_output, producer_layout
 from ._modules import NormAct
 
 __all__ = [

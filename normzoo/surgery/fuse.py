@@ -19,9 +19,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._common import check_model, copy_model, has_act, hook_dict_names, is_surgery_bn, set_submodule
+from ._common import check_model, copy_model, hook_dict_names, set_submodule
 from ._graph import ModelGraph, Value, first_input
+from ._kinds import has_act, is_surgery_bn
 from ._modules import NormAct
+from .freeze import FrozenBatchNorm
 from .remove import removal_replacement
 
 __all__ = ["fuse_bn"]
@@ -33,7 +35,12 @@ _PASS = (nn.Identity, nn.modules.dropout._DropoutNd, nn.AlphaDropout)  # identit
 
 
 def _is_leaf(module: nn.Module) -> bool:
-    return is_surgery_bn(module) or isinstance(module, (*_FOLDABLE, *_PASS))
+    return _is_bn(module) or isinstance(module, (*_FOLDABLE, *_PASS))
+
+
+def _is_bn(module: nn.Module) -> bool:
+    """What folds: BatchNorm of every kind (eval form), insert_bn's layers and frozen BatchNorm."""
+    return is_surgery_bn(module) or isinstance(module, FrozenBatchNorm)
 
 
 def _passes(graphs: ModelGraph) -> Callable[[Value], bool]:
@@ -113,11 +120,17 @@ def _norm_of(module: nn.Module) -> Any:
     return module.norm if isinstance(module, NormAct) else module
 
 
+def _kind_of(module: nn.Module) -> nn.Module:
+    """The layer whose class says the BN's dimension (a frozen layer's is that of the layer it froze)."""
+    norm = _norm_of(module)
+    return norm.original if isinstance(norm, FrozenBatchNorm) else norm
+
+
 def _features_last(module: nn.Module) -> bool | None:
     """Whether the BN normalizes the last dimension (a Linear's features): True, False, or None if both fit."""
     if isinstance(module, NormAct):
         return bool(module.channels_last)
-    norm = _norm_of(module)
+    norm = _kind_of(module)
     one_d = isinstance(norm, nn.BatchNorm1d) or 2 in getattr(type(norm), "_input_dims", ())
     return None if one_d else False
 
@@ -294,7 +307,7 @@ def fuse_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     skipped: list[str] = []
     seen: set[int] = set()
     for name, bn in model.named_modules():
-        if not is_surgery_bn(bn) or id(bn) in seen:
+        if not _is_bn(bn) or id(bn) in seen:
             continue
         seen.add(id(bn))
         norm = _norm_of(bn)

@@ -30,18 +30,11 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import NormSpec, get_norm_layer, is_batch_norm
-from ._common import (
-    check_model,
-    copy_model,
-    first_tensor,
-    floating_dtype,
-    is_norm_module,
-    producer_layout,
-    set_submodule,
-)
+from ._common import check_model, copy_model, first_tensor, floating_dtype, set_submodule
 from ._forward import Variant, install_graph_forward
 from ._graph import ModelGraph, TraceError, first_input, optional_arguments, trace_module
 from ._inputs import run_forward
+from ._kinds import is_norm_module, producer_layout
 from ._modules import LazyNorm, NormAct
 from ._sites import ActivationSpec, Site, Source, activation_nodes, find_sites, site_key
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import is_batch_norm
-from ._common import check_model, copy_model, is_surgery_bn, without_act
+from ._common import check_model, copy_model
 from ._forward import undo_rewrite
+from ._kinds import is_surgery_bn, without_act
 from ._modules import NormAct
+from .freeze import FrozenBatchNorm
 
 __all__ = ["removal_replacement", "remove_bn"]
 
@@ -23,7 +25,7 @@ def removal_replacement(module: nn.Module) -> nn.Module | None:
         if not is_surgery_bn(module):
             return None
         replacement = module.act if module.act is not None else nn.Identity()
-    elif is_batch_norm(module):
+    elif is_batch_norm(module) or isinstance(module, FrozenBatchNorm):
         replacement = without_act(module)
     else:
         return None

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..layers import BatchNormBase, NormSpec, get_norm_layer, is_batch_norm, norm_family
-from ._common import bn_act_parts, check_model, copy_model, hook_dict_names
+from ._common import check_model, copy_model, hook_dict_names
+from ._kinds import bn_act_parts
 from ._modules import BatchNormAct2d, BatchRenormAct2d, LazyNorm, NoisyBatchNormAct2d
 
 __all__ = ["replace_bn"]

@@ -27,6 +27,7 @@ from torch.nn.parameter import is_lazy
 from ..layers import is_batch_norm
 from ._common import check_model, first_tensor
 from ._inputs import batch_input, call_args, move_to, run_forward
+from ._kinds import after_norm
 from ._modules import NormAct
 from .sync import all_reduce_stat_sums
 
@@ -142,10 +143,7 @@ def _batch_stats_forward(module: Any, sums: BatchStatSums) -> Any:
                 0.0,
                 module.eps,
             )
-        drop, act = module._modules.get("drop"), module._modules.get("act")  # timm's BatchNormAct2d
-        if drop is not None:
-            output = drop(output)
-        return act(output) if act is not None else output
+        return after_norm(module, output)  # timm's BatchNormAct2d: its drop and act
 
     return forward
 
@@ -268,7 +266,9 @@ def recompute_bn_stats(
     other buffers and every module's training flag are left as they were; ``num_batches_tracked`` is kept
     (it counts training steps; with ``momentum=None`` it becomes the number of batches pooled). Under
     ``torch.distributed`` with several processes, the sums are all-reduced before they are applied, so every
-    process gets the population statistics of the data seen by all of them.
+    process gets the population statistics of the data seen by all of them. An empty batch (N = 0) adds
+    nothing. Layers sized at their first forward (``insert_bn``'s pending ones, torch's ``LazyBatchNorm``) are
+    sized with the first batch before the pass.
 
     What the model receives from each batch is ``input_fn(batch)``, called as every surgery function calls a
     model with an input: a tuple or list is unpacked into positional arguments, a dict into keyword

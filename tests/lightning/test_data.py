@@ -187,7 +187,7 @@ def test_arguments_are_checked() -> None:
 
 
 def test_get_datamodule() -> None:
-    assert DATAMODULES == ("digits", "mnist", "fashion_mnist", "svhn", "cifar10", "cifar100")
+    assert DATAMODULES == ("mnist1d", "digits", "mnist", "fashion_mnist", "svhn", "cifar10", "cifar100")
     assert isinstance(get_datamodule("Digits", batch_size=8), DigitsDataModule)
     assert get_datamodule("digits", root="unused", download=False).batch_size == 64  # no files to find
     dm = get_datamodule("cifar100", root="somewhere", batch_size=8)
@@ -414,3 +414,61 @@ def test_download_happens_in_prepare_data_only_when_allowed(
     assert len(dm.train_set) + len(dm.val_set) == N_TRAIN
     assert len(dm.test_set) == N_TEST
     assert calls == [True, False]  # setup never downloads
+
+
+# --- MNIST-1D and non-i.i.d. batches ---------------------------------------------------------------------
+
+
+def test_mnist1d_is_the_packages_dataset_built_locally() -> None:
+    mnist1d_data = pytest.importorskip("mnist1d.data")
+    from normzoo.lightning.data import MNIST1DDataModule
+
+    np_state = np.random.get_state()
+    dm = MNIST1DDataModule(batch_size=32)
+    dm.setup("fit")
+    # the generator's global seeding does not leak into the caller's numpy state
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+    reference = mnist1d_data.make_dataset(mnist1d_data.get_dataset_args())
+    train_raw, _train_y, test_raw, test_y = dm._arrays  # type: ignore[misc]
+    assert train_raw.shape == (4000, 1, 40)
+    assert test_raw.shape == (1000, 1, 40)
+    assert torch.equal(train_raw[:, 0], torch.tensor(reference["x"], dtype=torch.float32))
+    assert torch.equal(test_y, torch.tensor(reference["y_test"]))
+    assert len(dm.train_set) == 3600
+    assert len(dm.val_set) == 400
+    x, y = dm.train_set.tensors()
+    assert x.shape == (3600, 1, 40)
+    assert abs(float(x.mean())) < 1e-4
+    assert abs(float(x.std(unbiased=False)) - 1) < 1e-4
+    assert Counter(y.tolist()).keys() == set(range(10))
+
+
+def test_class_subset_batches_draw_each_batch_from_two_classes() -> None:
+    from normzoo.lightning.data import ClassSubsetBatchSampler
+
+    targets = torch.arange(103) % 10
+    sampler = ClassSubsetBatchSampler(targets, batch_size=9, classes_per_batch=2)
+    torch.manual_seed(1)
+    epoch = list(sampler)
+    torch.manual_seed(1)
+    assert list(sampler) == epoch  # reproducible from torch's global seed
+    assert len(epoch) == len(sampler) == 12
+    for batch in epoch:
+        counts = sorted(Counter(targets[batch].tolist()).values())
+        assert counts == [4, 5]
+    # each class's samples are visited before any repeats
+    for c in range(10):
+        drawn = [i for b in epoch for i in b if targets[i] == c][:10]
+        assert len(set(drawn)) == len(drawn)
+    with pytest.raises(ValueError, match="classes_per_batch"):
+        ClassSubsetBatchSampler(targets, batch_size=9, classes_per_batch=11)
+
+
+def test_datamodule_uses_class_subset_batches_for_training_only() -> None:
+    dm = DigitsDataModule(batch_size=8, classes_per_batch=2)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape[0] == 8
+    assert len(set(y.tolist())) == 2
+    _, y_val = next(iter(dm.val_dataloader()))
+    assert len(set(y_val.tolist())) > 2

@@ -40,14 +40,9 @@ def test_every_level_varies_one_factor_from_the_baseline() -> None:
             assert changed <= set(level.params) <= set(base)
             assert changed or factor.name == "baseline"  # init_std=1.0 is the N(0, 1) of init="normal"
     assert [lv.params["batch_size"] for lv in FACTORS["batch_size"].levels] == [
-        4,
-        16,
-        32,
-        128,
-        256,
-        512,
-        1024,
-    ]
+        2, 4, 8, 16, 32, 128, 256, 512, 1024,
+    ]  # fmt: skip
+    assert FACTORS["non_iid"].levels[0].params == {"classes_per_batch": 2}
     assert FACTORS["activation"].levels[0].params == {"activation": "sigmoid", "init": "xavier"}
     assert FACTORS["init"].levels[0].params == {"init": "normal", "init_std": 1.0}
 
@@ -62,26 +57,26 @@ def test_full_preset_is_the_whole_grid() -> None:
 def test_quick_preset_covers_every_claim() -> None:
     plan = build_plan(StudyConfig())
     cells = {(r.experiment, r.level.label, r.model, r.variant) for r in plan}
+    assert {r.seed for r in plan} == {0, 1}
     for factor in FACTORS.values():  # every factor, vanilla vs batchnorm, on the MLP
         for level in factor.levels:
+            if factor.name == "batch_size" and level.params["batch_size"] not in (2, 4, 8, 256):
+                continue
             assert (factor.name, level.label, "mlp", "vanilla") in cells
             assert (factor.name, level.label, "mlp", "batchnorm") in cells
-    for v in ("renorm", "noisy"):
-        assert ("batch_size", "bs=4", "mlp", v) in cells
-        assert ("baseline", "baseline", "mlp", v) in cells
-    for exp, level in [
-        ("baseline", "baseline"),
-        ("activation", "sigmoid"),
-        ("lr", "lr=0.1"),
-        ("init", "normal(1.0)"),
-    ]:
+    for v in ("renorm", "noisy"):  # Ioffe 2017's experiments: tiny and non-i.i.d. batches, every variant
+        for exp, level in [("baseline", "baseline"), ("non_iid", "2 classes/batch")] + [
+            ("batch_size", f"bs={b}") for b in (2, 4, 8)
+        ]:
+            assert (exp, level, "mlp", v) in cells
+    for exp, level in [("baseline", "baseline"), ("activation", "sigmoid")]:
         assert (exp, level, "cnn", "vanilla") in cells
         assert (exp, level, "cnn", "batchnorm") in cells
-    assert len(plan) == 50
+    assert len(plan) == 94
 
 
 def test_filters_narrow_the_preset() -> None:
-    plan = build_plan(StudyConfig(factors=["batch_size:bs=4"], variants=["batchnorm", "renorm"]))
+    plan = build_plan(StudyConfig(factors=["batch_size:bs=4"], variants=["batchnorm", "renorm"], seeds=[0]))
     assert [(r.experiment, r.level.label, r.variant) for r in plan] == [
         ("batch_size", "bs=4", "batchnorm"),
         ("batch_size", "bs=4", "renorm"),
@@ -92,7 +87,9 @@ def test_filters_narrow_the_preset() -> None:
 
 
 def test_batch_sizes_replace_the_levels() -> None:
-    plan = build_plan(StudyConfig(factors=["batch_size"], variants=["vanilla"], batch_sizes=[1024, 8, 64]))
+    plan = build_plan(
+        StudyConfig(factors=["batch_size"], variants=["vanilla"], batch_sizes=[1024, 8, 64], seeds=[0])
+    )
     assert [r.recipe.batch_size for r in plan] == [8, 1024]  # sorted, 64 is the baseline's
 
 
@@ -130,13 +127,19 @@ def test_selectors() -> None:
         ({"models": ["resnet"]}, "unknown model 'resnet'; valid models: mlp, cnn"),
         (
             {"dataset": "imagenet"},
-            "unknown dataset 'imagenet'; valid datasets: digits, mnist, fashion_mnist, svhn",
+            "unknown dataset 'imagenet'; valid datasets: mnist1d, digits, mnist, fashion_mnist, svhn",
         ),
         ({"preset": "huge"}, "unknown preset 'huge'; valid presets: quick, full, tiny"),
         ({"accelerator": "tpu"}, "unknown accelerator 'tpu'; valid accelerators: cpu, gpu"),
         ({"batch_sizes": [1]}, "batch sizes must be at least 2"),
         ({"seeds": []}, "seeds must not be empty"),
         ({"max_epochs": 0}, "max_epochs must be at least 1"),
+        ({"limit_train_batches": 0}, "limit_train_batches must be at least 1 .* a run of zero steps"),
+        ({"limit_train_batches": -3}, "limit_train_batches must be at least 1"),
+        ({"threads": 0}, "threads must be at least 1"),
+        ({"workers": 0}, "workers must be at least 1"),
+        ({"seeds": [0, -1]}, "seeds must be non-negative"),
+        ({"devices": 0}, "devices must be at least 1"),
     ],
 )
 def test_unknown_names_list_the_valid_ones(settings: dict[str, object], message: str) -> None:
@@ -253,7 +256,7 @@ def test_cli_overrides_config_file(tmp_path: Path) -> None:
             "unknown variant 'groupnorm'; valid variants: vanilla, batchnorm",
         ),
         (["--factors", "lr,depth"], "unknown factor 'depth'; valid factors: baseline, activation"),
-        (["--dataset", "imagenet"], "unknown dataset 'imagenet'; valid datasets: digits, mnist"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'; valid datasets: mnist1d, digits, mnist"),
         (["--models", "vit"], "unknown model 'vit'; valid models: mlp, cnn"),
         (["--preset", "huge"], "unknown preset 'huge'; valid presets: quick, full, tiny"),
         (["--factors", "batch_size", "--models", "cnn"], "the selection leaves no run to do"),
@@ -278,7 +281,7 @@ def test_cli_dry_run_and_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["study", "--dry-run", "--factors", "activation:sigmoid", "--models", "cnn"]) == 0
     out = capsys.readouterr().out
     assert "cnn  activation:sigmoid" in out
-    assert out.strip().endswith("2 runs")
+    assert out.strip().endswith("4 runs")  # two seeds
     assert main(["study", "--list"]) == 0
     out = capsys.readouterr().out
     for name in [*FACTORS, *grid.VARIANTS, *grid.MODELS, *grid.DATASETS, *PRESETS]:
@@ -308,3 +311,28 @@ def test_toml_without_tomllib_or_tomli(tmp_path: Path, monkeypatch: pytest.Monke
     json_path = tmp_path / "study.json"
     json_path.write_text('{"study": {"seeds": [2]}}')
     assert load_config_file(json_path).seeds == [2]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--limit-train-batches", "0", "expected an integer of at least 1, got 0"),
+        ("--limit-train-batches", "-2", "expected an integer of at least 1, got -2"),
+        ("--threads", "0", "expected an integer of at least 1, got 0"),
+        ("--workers", "0", "expected an integer of at least 1, got 0"),
+        ("--seeds", "0,-1", "expected non-negative integers"),
+        ("--devices", "0", "expected an integer of at least 1, got 0"),
+        ("--max-steps", "0", "expected an integer of at least 1, got 0"),
+    ],
+)
+def test_bad_numbers_are_refused_up_front(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One line naming the option, exit status 2, before anything runs (argparse's own style)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "--preset", "tiny", "--out", "/nonexistent/never-created", option, value])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"normzoo study: error: argument {option}: {message}" or (
+        last.startswith(f"normzoo study: error: argument {option}: ") and message in last
+    )

@@ -56,6 +56,7 @@ RECORD_SCHEMA: dict[str, tuple[Any, ...]] = {
     "finished_at": (str,),
     "history": (list,),
     "diagnostics": (dict, type(None)),
+    "renorm": (dict, type(None)),
 }
 HISTORY_SCHEMA: dict[str, tuple[Any, ...]] = {
     "epoch": (int,),
@@ -68,11 +69,12 @@ HISTORY_SCHEMA: dict[str, tuple[Any, ...]] = {
 }
 RECIPE_FIELDS = {
     "activation", "init", "init_std", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "dropout",
-    "batch_size", "plateau_factor", "plateau_patience", "early_stop_patience",
+    "batch_size", "classes_per_batch", "plateau_factor", "plateau_patience", "early_stop_patience",
 }  # fmt: skip
 
 
 def _tiny(out: Path, **kw: Any) -> StudyConfig:
+    kw.setdefault("workers", 1)  # in this process: some tests patch the runner
     return StudyConfig(preset="tiny", out=str(out), progress=False, **kw)
 
 
@@ -96,7 +98,7 @@ def study_copy(tiny_study: tuple[Path, Any], tmp_path: Path) -> Path:
 def test_tiny_writes_every_file(tiny_study: tuple[Path, Any]) -> None:
     out, result = tiny_study
     plan = build_plan(_tiny(out))
-    assert result.trained == len(plan) == 12
+    assert result.trained == len(plan) == 14
     assert result.cached == 0
     for name in ("results.json", "report.md", "report.html"):
         assert (out / name).is_file()
@@ -112,6 +114,11 @@ def test_tiny_writes_every_file(tiny_study: tuple[Path, Any]) -> None:
         assert f'src="figures/{png.name}"' in (out / "report.html").read_text()
     assert any(p.name.startswith("diagnostics_baseline") for p in pngs)
     assert (out / "figures" / "walltime.png").is_file()
+    # the reader sees every claim's verdict first: the verdict figure comes before any table
+    first_image = report.index("![")
+    assert report[first_image:].startswith("![every claim's verdict and effect size](figures/claims.png)")
+    assert first_image < report.index("\n| ")
+    assert (out / "figures" / "why_bn.png").is_file()
 
 
 def test_results_json_schema(tiny_study: tuple[Path, Any]) -> None:
@@ -120,15 +127,16 @@ def test_results_json_schema(tiny_study: tuple[Path, Any]) -> None:
     assert set(data) == {"schema", "study", "runs"}
     assert data["study"]["preset"] == "tiny"
     assert data["study"]["seeds"] == [0, 1]
-    assert len(data["runs"]) == 12
+    assert len(data["runs"]) == 14
     for record in data["runs"]:
         missing = set(RECORD_SCHEMA) - set(record)
         assert not missing, f"fields missing: {missing}"
         for name, types in RECORD_SCHEMA.items():
             assert isinstance(record[name], types), f"{name}: {record[name]!r} is not {types}"
-        assert record["variant"] in ("vanilla", "batchnorm")
+        assert record["variant"] in ("vanilla", "batchnorm", "renorm")
+        assert (record["renorm"] is not None) == (record["variant"] == "renorm")
         assert record["model"] == "mlp"
-        assert record["dataset"] == "digits"
+        assert record["dataset"] == "mnist1d"
         assert record["seed"] in (0, 1)
         assert record["experiment"] in ("baseline", "lr", "batch_size")
         assert set(record["recipe"]) == RECIPE_FIELDS
@@ -194,8 +202,9 @@ def test_scoreboard_is_recomputed_from_results_json(tiny_study: tuple[Path, Any]
     out, _ = tiny_study
     data = json.loads((out / "results.json").read_text())
     expected = _recompute_scoreboard(data["runs"], data["study"]["draw_margin"])
-    assert set(expected) == {"batchnorm"}
+    assert set(expected) == {"batchnorm", "renorm"}
     assert sum(expected["batchnorm"]) == 3
+    assert sum(expected["renorm"]) == 1
     assert _scoreboard_in_report((out / "report.md").read_text()) == expected
     html_text = (out / "report.html").read_text()
     w, lo, d = expected["batchnorm"]
@@ -207,32 +216,38 @@ def test_report_follows_edited_results_json(study_copy: Path) -> None:
     path = study_copy / "results.json"
     data = json.loads(path.read_text())
     for r in data["runs"]:  # batchnorm at chance, vanilla perfect, seeds identical
-        r["test_acc"] = 0.1 if r["variant"] == "batchnorm" else 1.0
+        r["test_acc"] = 0.1 if r["variant"] != "vanilla" else 1.0
     path.write_text(json.dumps(data))
     write_report(study_copy, figures=False)
     text = (study_copy / "report.md").read_text()
-    assert _scoreboard_in_report(text) == {"batchnorm": (0, 3, 0)}
+    assert _scoreboard_in_report(text) == {"batchnorm": (0, 3, 0), "renorm": (0, 1, 0)}
     assert re.search(
         r"BN gives higher accuracy and faster convergence: \*\*(not|partly) reproduced\*\*", text
     )
     assert "MLP baseline test accuracy: batchnorm 10.0 ± 0.0 % vs vanilla 100.0 ± 0.0 % (-90.0 points" in text
 
     for r in data["runs"]:  # now every difference is inside the one-point margin: all draws
-        r["test_acc"] = 0.905 if r["variant"] == "batchnorm" else 0.90
+        r["test_acc"] = 0.905 if r["variant"] != "vanilla" else 0.90
     path.write_text(json.dumps(data))
     write_report(study_copy, figures=False)
-    assert _scoreboard_in_report((study_copy / "report.md").read_text()) == {"batchnorm": (0, 0, 3)}
+    assert _scoreboard_in_report((study_copy / "report.md").read_text()) == {
+        "batchnorm": (0, 0, 3),
+        "renorm": (0, 0, 1),
+    }
     # the runs folder plays no part in the report
     shutil.rmtree(study_copy / "runs")
     write_report(study_copy, figures=False, draw_margin=0.001)
-    assert _scoreboard_in_report((study_copy / "report.md").read_text()) == {"batchnorm": (3, 0, 0)}
+    assert _scoreboard_in_report((study_copy / "report.md").read_text()) == {
+        "batchnorm": (3, 0, 0),
+        "renorm": (1, 0, 0),
+    }
 
 
 def test_rerun_skips_finished_runs(study_copy: Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in (study_copy / "runs").glob("*.json")}
     result = run_study(_tiny(study_copy))
     assert result.trained == 0
-    assert result.cached == 12
+    assert result.cached == 14
     assert result.trained_keys == []
     after = {p.name: p.stat().st_mtime_ns for p in (study_copy / "runs").glob("*.json")}
     assert after == before  # no run file was rewritten
@@ -250,15 +265,15 @@ def test_interrupted_study_resumes(study_copy: Path) -> None:
     (study_copy / "runs" / ".partial.json.123.tmp").write_text("{")  # a half-written file is ignored
     result = run_study(_tiny(study_copy))
     assert result.trained == 3
-    assert result.cached == 9
+    assert result.cached == 11
     assert sorted(result.trained_keys) == sorted(p.stem for p in lost)
     assert {p.name: p.stat().st_mtime_ns for p in runs[3:]} == kept
     assert all(p.is_file() for p in lost)
     assert not list((study_copy / "runs").glob("*.tmp"))
     data = json.loads((study_copy / "results.json").read_text())
-    assert len(data["runs"]) == 12
+    assert len(data["runs"]) == 14
     assert data["study"]["trained"] == 3
-    assert data["study"]["cached"] == 9
+    assert data["study"]["cached"] == 11
 
 
 def test_corrupt_run_file_is_retrained(study_copy: Path) -> None:
@@ -297,6 +312,8 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         "--seeds",
         "3",
         "--no-progress",
+        "--workers",
+        "1",
     ]
     assert main([*argv, "--no-figures"]) == 0
     err = capsys.readouterr().err
@@ -339,7 +356,7 @@ def test_ctrl_c_keeps_finished_runs_and_resumes(
     monkeypatch.setattr(runner, "_epoch_timer", timer)
     out = tmp_path / "interrupted"
     argv = ["study", "--preset", "tiny", "--out", str(out), "--factors", "baseline,lr", "--seeds", "0"]
-    argv += ["--no-progress", "--no-figures"]
+    argv += ["--no-progress", "--no-figures", "--workers", "1"]
     assert main(argv) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) == handler  # Lightning's SIG_IGN is undone
@@ -347,7 +364,7 @@ def test_ctrl_c_keeps_finished_runs_and_resumes(
     assert not (out / "results.json").exists()
     monkeypatch.setattr(runner, "_epoch_timer", real_timer)
     assert main(argv) == 0
-    assert "2 runs trained, 2 loaded from the cache" in capsys.readouterr().err
+    assert "3 runs trained, 2 loaded from the cache" in capsys.readouterr().err
 
 
 def _write_mnist(root: Path, n_train: int = 120, n_test: int = 40) -> None:
@@ -371,7 +388,8 @@ def test_dataset_from_a_local_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     pytest.importorskip("torchvision")
     out, root = tmp_path / "out", tmp_path / "data"
     argv = ["study", "--preset", "tiny", "--dataset", "mnist", "--out", str(out), "--factors", "baseline"]
-    argv += ["--seeds", "0", "--models", "mlp", "--no-progress", "--no-figures"]
+    argv += ["--seeds", "0", "--models", "mlp", "--variants", "vanilla,batchnorm", "--no-progress"]
+    argv += ["--no-figures", "--workers", "1"]
     assert main([*argv, "--data-root", str(root)]) == 2
     err = capsys.readouterr().err
     assert "MNIST was not found" in err
@@ -401,13 +419,13 @@ def test_a_failing_run_does_not_stop_the_study(
     monkeypatch.setattr(runner, "run_one", flaky)
     out = tmp_path / "flaky"
     argv = ["study", "--preset", "tiny", "--out", str(out), "--factors", "baseline,lr", "--seeds", "0"]
-    argv += ["--no-progress", "--no-figures"]
+    argv += ["--no-progress", "--no-figures", "--workers", "1"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "1 runs failed" in err
     assert "mlp lr:lr=0.1 batchnorm seed=0: RuntimeError: derivative for aten::something" in err
     data = json.loads((out / "results.json").read_text())
-    assert len(data["runs"]) == 3
+    assert len(data["runs"]) == 4
     (failure,) = data["study"]["failed"]
     assert (failure["experiment"], failure["variant"]) == ("lr", "batchnorm")
     log = out / "runs" / f"{failure['key']}.error.txt"
@@ -415,5 +433,163 @@ def test_a_failing_run_does_not_stop_the_study(
     assert "**1 runs failed**" in (out / "report.md").read_text()
     monkeypatch.setattr(runner, "run_one", real_run_one)
     assert main(argv) == 0  # the rerun retries the failed run only
-    assert "1 runs trained, 3 loaded from the cache" in capsys.readouterr().err
+    assert "1 runs trained, 4 loaded from the cache" in capsys.readouterr().err
     assert not log.exists()
+
+
+# --- Batch Renormalization that acts, parallel workers, the edges of issue 10 -------------------------------
+
+
+def test_renorm_differs_from_batchnorm_once_the_scaled_warmup_ends(tiny_study: tuple[Path, Any]) -> None:
+    out, _ = tiny_study
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    for seed in (0, 1):
+        bn, rn = (
+            next(r for r in runs if (r["experiment"], r["variant"], r["seed"]) == ("baseline", v, seed))
+            for v in ("batchnorm", "renorm")
+        )
+        schedule = rn["renorm"]["schedule"]
+        # 12 steps: normzoo.PaperSchedule(total_steps=12), the breakpoints at 5 %, 25 % and 40 % of the run
+        assert (schedule["total_steps"], schedule["r_max_steps"], schedule["d_max_steps"]) == (12, 4, 3)
+        assert (schedule["warmup_steps"], schedule["r_max"], schedule["d_max"]) == (0, 3.0, 5.0)
+        # the same initialization and batches: the first epoch's first step is BatchNorm's, then they differ
+        assert rn["history"][-1]["train_loss"] != bn["history"][-1]["train_loss"]
+        assert rn["test_acc"] is not None
+        activity = rn["renorm"]["activity"]
+        warm = [a for a in activity if a["step"] <= schedule["warmup_steps"]]
+        after = [a for a in activity if a["step"] >= schedule["r_max_steps"]]
+        assert warm
+        assert after
+        for entry in warm:  # r_max = 1, d_max = 0: every channel sits at its bounds, r = 1 and d = 0
+            for layer in entry["layers"].values():
+                assert (layer["r_max"], layer["d_max"]) == (1.0, 0.0)
+                assert layer["mean_abs_r_minus_1"] == 0
+                assert layer["mean_abs_d"] == 0
+        for entry in after:
+            assert set(entry["layers"]) == {"norm1", "norm2"}
+            for layer in entry["layers"].values():
+                assert (layer["r_max"], layer["d_max"]) == (3.0, 5.0)
+                assert layer["mean_abs_d"] > 0
+                assert layer["mean_abs_r_minus_1"] > 0
+                assert 0 <= layer["r_at_bound"] <= 1
+                assert 0 <= layer["d_at_bound"] <= 1
+        assert set(rn["renorm"]["after_warmup"]) == {"norm1", "norm2"}
+
+
+def _comparable(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records without what measures the clock (times, dates, the host's thread count)."""
+    clock = {"epoch_time_s", "epoch_cpu_time_s", "fit_time_s", "finished_at", "time_s", "cpu_s"}
+    return [
+        {
+            k: ([{hk: hv for hk, hv in h.items() if hk not in clock} for h in v] if k == "history" else v)
+            for k, v in r.items()
+            if k not in clock
+        }
+        for r in results["runs"]
+    ]
+
+
+def test_parallel_workers_give_the_sequential_results(tmp_path: Path) -> None:
+    selection = {"factors": ["baseline", "lr"], "seeds": [0, 1]}
+    sequential = run_study(_tiny(tmp_path / "seq", workers=1, **selection))
+    parallel = run_study(_tiny(tmp_path / "par", workers=2, **selection))
+    assert parallel.trained == sequential.trained == 10
+    seq = json.loads((tmp_path / "seq" / "results.json").read_text())
+    par = json.loads((tmp_path / "par" / "results.json").read_text())
+    assert _comparable(par) == _comparable(seq)  # bit-identical numbers, in plan order
+    assert sorted(p.name for p in (tmp_path / "par" / "runs").glob("*.json")) == sorted(
+        p.name for p in (tmp_path / "seq" / "runs").glob("*.json")
+    )
+
+
+def test_a_second_study_in_the_same_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A live study holds OUT/.lock; a second one stops at once, naming it, and deletes none of its files."""
+    import os
+    import subprocess
+    import sys
+
+    from normzoo.study.runner import StudyFolderInUseError, StudyLock
+
+    out = tmp_path / "busy"
+    (out / "runs").mkdir(parents=True)
+    in_flight = out / "runs" / ".abc.json.999.tmp"
+    in_flight.write_text("{")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from normzoo.study.runner import StudyLock\n"
+         f"with StudyLock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(
+            StudyFolderInUseError, match=rf"another normzoo study \(pid {holder.pid}\) is writing"
+        ):
+            run_study(_tiny(out, factors=["baseline"], seeds=[0]))
+        argv = ["study", "--preset", "tiny", "--out", str(out), "--no-progress", "--workers", "1"]
+        assert main(argv) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+        assert in_flight.is_file()  # the other study's in-flight file is untouched
+        assert not (out / "results.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with StudyLock(out):  # released when its process ended
+        pass
+
+
+def test_an_incomplete_cached_run_is_trained_again(
+    study_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    victim = sorted((study_copy / "runs").glob("*.json"))[0]
+    record = json.loads(victim.read_text())
+    del record["test_acc"]
+    victim.write_text(json.dumps(record))  # valid JSON, valid schema number, not a whole record
+    with caplog.at_level("WARNING", logger="normzoo.study"):
+        result = run_study(_tiny(study_copy))
+    assert result.trained_keys == [victim.stem]
+    assert "is incomplete (it lacks test_acc): training that run again" in caplog.text
+    assert "test_acc" in json.loads(victim.read_text())
+
+
+def test_report_only_with_a_corrupt_results_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "results.json").write_text('{"study": {}, "runs": [')
+    assert main(["study", "--report-only", "--out", str(tmp_path), "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normzoo study: error: ")
+    assert "results.json is not valid JSON" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_unusable_out_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from normzoo.study import runner
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(runner, "run_one", never)
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    argv = ["study", "--preset", "tiny", "--no-progress", "--workers", "1", "--out"]
+    assert main([*argv, str(target)]) == 2
+    assert f"--out {target} is a file" in capsys.readouterr().err
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os_can_write(locked):  # pragma: no cover - running as root
+            pytest.skip("root can write into a read-only folder")
+        assert main([*argv, str(locked / "study")]) == 2
+        assert "is not a writable folder" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def os_can_write(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -210,3 +211,90 @@ def test_render_markdown_and_html() -> None:
     assert "<strong>batchnorm 1 - vanilla 0 (0 draws)</strong>" in page
     assert "<td>win</td>" in page
     assert "<script" not in page
+
+
+# --- the claims registry, Ioffe 2017's recovery, the why-BN measures --------------------------------------
+
+
+def _by_key(found: list[stats.Finding]) -> dict[str, stats.Finding]:
+    return {f.key: f for f in found}
+
+
+def test_every_claim_is_one_registry_entry() -> None:
+    found = stats.findings([rec("baseline", "baseline", "vanilla", 0.5)])
+    assert [f.key for f in found] == list(stats.CLAIMS)
+    for f in found:
+        claim = stats.CLAIMS[f.key]
+        assert f.claim == f"{claim.text} ({claim.source})"
+        assert f.source and claim.factors and claim.needs
+    assert "--factors non_iid" in _by_key(found)["non_iid"].evidence[0]
+    assert {c.key for c in stats.claims_for("activation")} >= {"sigmoid", "activations", "gradient_flow"}
+
+
+@pytest.mark.parametrize(
+    ("rn_acc", "verdict", "share"), [(0.56, "reproduced", 73), (0.50, "partly reproduced", 33)]
+)
+def test_tiny_batches_recovery_share(rn_acc: float, verdict: str, share: float) -> None:
+    # vanilla 0.60, BN 0.45 (15 points lost), renorm recovers 11 or 5 of them
+    runs = [
+        rec("batch_size", "bs=4", v, acc + 0.002 * s, seed=s, batch_size=4)
+        for v, acc in (("vanilla", 0.60), ("batchnorm", 0.45), ("renorm", rn_acc))
+        for s in (0, 1)
+    ]
+    f = _by_key(stats.findings(runs))["small_batch"]
+    assert f.verdict == verdict
+    assert f"{share:.0f} % of BN's loss recovered" in " ".join(f.evidence)
+    assert f.effect is not None
+    assert f.effect[2] == "points"
+    assert f.effect[0] == pytest.approx(rn_acc - 0.45)
+
+
+def _diag(ics: float, beta: float, growth: float, rms: float) -> dict[str, Any]:
+    return {
+        "ics": [{"step": 0, "layers": {"fc1": {"l2": 0.0}, "fc2": {"l2": ics}, "fc3": {"l2": 3 * ics}}}],
+        "landscape": [{"step": 0, "beta": beta}, {"step": 9, "beta": 3 * beta}],
+        "weight_norm": [
+            {"step": 0, "layers": {"fc1": {"norm": 1.0}, "fc2": {"norm": 2.0}}},
+            {"step": 9, "layers": {"fc1": {"norm": growth}, "fc2": {"norm": 2.0 * growth}}},
+        ],
+        "jacobian": [{"step": 0, "layers": {"block1": {"rms": rms}, "block2": {"rms": 1 / rms}}}],
+    }
+
+
+def test_why_bn_measures_decide_their_claims() -> None:
+    runs = [
+        rec("baseline", "baseline", "vanilla", 0.50, diagnostics=_diag(1.0, 40.0, 3.0, 4.0)),
+        rec("baseline", "baseline", "batchnorm", 0.60, diagnostics=_diag(0.5, 10.0, 1.5, 1.5)),
+        rec("baseline", "baseline", "noisy", 0.59, diagnostics=_diag(2.0, 12.0, 1.4, 1.6)),
+    ]
+    found = _by_key(stats.findings(runs))
+    # ics: mean over layers after the first: noisy 4.0 vs batchnorm 1.0
+    assert found["ics"].verdict == "reproduced"
+    assert found["ics"].effect == (4.0, 0.0, "ratio")
+    assert "noisy BN vs BN" in " ".join(found["ics"].evidence)
+    # beta: mean over samples: batchnorm 20 vs vanilla 80
+    assert found["landscape"].verdict == "reproduced"
+    assert found["landscape"].effect == (0.25, 0.0, "ratio")
+    # weight-norm growth: last / first, mean over layers: 1.5 vs 3.0
+    assert found["weight_norm"].effect == (0.5, 0.0, "ratio")
+    # |log rms|: log(1.5) vs log(4)
+    assert found["jacobian"].verdict == "reproduced"
+    assert found["jacobian"].effect[0] == pytest.approx(math.log(1.5) / math.log(4.0))  # type: ignore[index]
+    runs[1]["diagnostics"] = _diag(0.5, 100.0, 6.0, 8.0)  # now BN is rougher, grows more, farther from 1
+    found = _by_key(stats.findings(runs))
+    assert [found[k].verdict for k in ("landscape", "weight_norm", "jacobian")] == ["not reproduced"] * 3
+
+
+def test_renorm_acted_reads_the_activity_after_warmup() -> None:
+    layer = {"r_at_bound": 0.25, "d_at_bound": 0.0, "mean_abs_r_minus_1": 0.3, "mean_abs_d": 0.2}
+    schedule = {"total_steps": 100, "warmup_steps": 5, "d_max_steps": 25, "r_max_steps": 40}
+    acted = {"schedule": schedule, "after_warmup": {"norm1": layer}}
+    idle = {
+        "schedule": schedule,
+        "after_warmup": {"norm1": dict(layer, mean_abs_r_minus_1=0.0, mean_abs_d=0.0)},
+    }
+    f = _by_key(stats.findings([rec("baseline", "baseline", "renorm", 0.6, renorm=acted)]))["renorm_acted"]
+    assert f.verdict == "reproduced"
+    assert "norm1 r at a bound 25 %, d at a bound 0 %, mean |r-1| 0.30, mean |d| 0.20" in f.evidence[0]
+    f = _by_key(stats.findings([rec("baseline", "baseline", "renorm", 0.6, renorm=idle)]))["renorm_acted"]
+    assert f.verdict == "not reproduced"

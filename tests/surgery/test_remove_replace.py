@@ -206,10 +206,13 @@ def test_scripted_traced_and_compiled_models_are_refused(
 
 
 @pytest.mark.parametrize(("fname", "surgery"), _surgeries())
-def test_ddp_wrapped_models_are_refused(fname: str, surgery: Callable[[nn.Module], object]) -> None:
+def test_ddp_and_fsdp_wrapped_models_are_refused(fname: str, surgery: Callable[[nn.Module], object]) -> None:
     dist = torch.distributed
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(_plain())
@@ -217,6 +220,11 @@ def test_ddp_wrapped_models_are_refused(fname: str, surgery: Callable[[nn.Module
             TypeError, match=rf"{fname}: expected a plain .*DistributedDataParallel.*model\.module"
         ):
             surgery(ddp)
+        sharded = fully_shard(_plain(), mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(
+            TypeError, match=rf"{fname}: expected a plain .*FSDPSequential.*before FSDP wraps it"
+        ):
+            surgery(sharded)
     finally:
         dist.destroy_process_group()
 
@@ -237,3 +245,49 @@ def test_replace_bn_carries_a_parametrized_weight(norm: str) -> None:
     assert replaced.state_dict().keys() == model.state_dict().keys()
     x = torch.randn(2, 3, 6, 6)
     assert outputs_equal(replaced, model, x, train=False)
+
+
+def _timm_bn_act(channels: int) -> nn.Module:
+    timm_layers = pytest.importorskip("timm.layers")
+    return timm_layers.BatchNormAct2d(channels, act_layer=nn.ReLU)
+
+
+#: Each BatchNorm kind surgery meets: (its layer at 4 channels, the ``norm`` name that builds it again).
+KINDS: dict[str, tuple[Callable[[int], nn.Module], str]] = {
+    "torch": (nn.BatchNorm2d, "torch"),
+    "batchnorm": (nz.BatchNorm2d, "batchnorm"),
+    "renorm": (nz.BatchRenorm2d, "renorm"),
+    "noisy": (nz.NoisyBatchNorm2d, "noisy"),
+    "timm": (_timm_bn_act, "torch"),
+}
+
+
+@pytest.mark.parametrize("source", sorted(KINDS))
+@pytest.mark.parametrize("target", ["batchnorm", "renorm", "noisy", "torch"])
+def test_every_kind_to_every_kind_and_back(source: str, target: str) -> None:
+    make, family = KINDS[source]
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), make(4), nn.Conv2d(4, 2, 1))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    there = nz.replace_bn(model, target)
+    assert nz.layers.norm_family(type(there[1]).__mro__[1] if source == "timm" else type(there[1])) in (
+        target,
+        None,
+    )
+    assert outputs_equal(there, model, x, train=False)
+    back = nz.replace_bn(there, family)
+    assert type(back[1]) is type(model[1])
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in back.state_dict().items())
+    assert outputs_equal(back, model, x, train=False)
+
+
+@pytest.mark.parametrize("source", sorted(KINDS))
+def test_every_kind_is_removed_and_fused(source: str) -> None:
+    make, _ = KINDS[source]
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), make(4), nn.Conv2d(4, 2, 1))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    removed = nz.remove_bn(model)
+    assert isinstance(removed[1], nn.ReLU if source == "timm" else nn.Identity)
+    fused = nz.fuse_bn(model)  # BatchRenorm and noisy BatchNorm fold their eval form, which is BatchNorm's
+    assert not any(nz.is_batch_norm(m) for m in fused.modules())
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)

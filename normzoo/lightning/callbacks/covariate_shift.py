@@ -7,9 +7,13 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from typing_extensions import override
 
 from ...diagnostics import internal_covariate_shift
-from ._base import ProbingMonitor, finite_mean, has_weight, lr_per_parameter
+from ._base import DiagnosticCallback
+from ._layers import LayerSelector, LayerSpec, finite_mean, has_weight, has_weight_matrix, layer_series
+from ._replay import BatchReplay, LossFn, lr_per_parameter, trainable_parameters
+from ._schedule import SamplingSchedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -17,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["CovariateShiftMonitor"]
 
 
-class CovariateShiftMonitor(ProbingMonitor):
+class CovariateShiftMonitor(DiagnosticCallback):
     """Internal covariate shift as Santurkar et al. (2018, section 2.2, Definition 2.1) measure it.
 
     For layer ``i``, ``G`` is the gradient of the loss w.r.t. the layer's parameters on a batch, and
@@ -30,48 +34,86 @@ class CovariateShiftMonitor(ProbingMonitor):
     One forward and backward at ``w`` and one more per monitored layer after the first (whose ``G' = G``).
 
     Each pass is a replay through :func:`torch.func.functional_call` (see
-    :class:`~normzoo.lightning.callbacks._base.ProbingMonitor`): the module stays in training mode, so BN
+    :class:`~normzoo.lightning.callbacks._replay.BatchReplay`): the module stays in training mode, so BN
     uses batch statistics as in training, but on copies of the buffers, and with the same dropout masks
     and noise on every pass; the model, its gradients, BN running statistics, the optimizer and the random
     state are left exactly as they were. Under DDP every rank replays its own batch and rank zero logs.
+
+    Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
+    trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) picks ``N`` for
+    about 4 samples a run from ``trainer.estimated_stepping_batches`` (500 when the length is unknown).
 
     Logged (``<name>`` defaults to ``ics``): ``<name>/l2_mean`` and ``<name>/cos_mean`` (over the layers
     after the first); with ``log_per_layer=True`` also ``<name>/l2/<layer>`` and ``<name>/cos/<layer>``.
     Records: ``{"step", "epoch", "layers": {layer: {"l2", "cos"}}}``.
 
     Args:
-        every_n_steps: sample every N optimizer steps (default 500: one sample costs about one training
-            step per monitored layer).
+        every_n_steps: sample every N optimizer steps (default: automatic, see above; one sample costs
+            about one training step per monitored layer).
         layers: the layers (default: every layer with a weight matrix); a layer's parameters are all of
             its module's trainable parameters.
         loss_fn: ``loss_fn(module, batch) -> loss`` (default: ``module.loss`` or cross entropy of
-            ``module(batch[0])`` against ``batch[1]``).
-        **kwargs: ``log_per_layer``, ``name``, ``figure_dir``, ``save_figures``, ``figure_every_n_epochs``,
+            ``module(batch[0])`` against ``batch[1]``); needed when a batch is not ``(input, target, ...)``.
+        log_per_layer: also log every layer's values.
+        **kwargs: ``name``, ``figure_dir``, ``save_figures``, ``figure_every_n_epochs``,
             ``figure_dpi``.
     """
 
     default_name = "ics"
+    measures_on_every_rank = True
 
-    def __init__(self, *, every_n_steps: int = 500, **kwargs: Any) -> None:
-        super().__init__(every_n_steps=every_n_steps, **kwargs)
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        layers: LayerSpec = None,
+        loss_fn: LossFn | None = None,
+        log_per_layer: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        self.schedule = SamplingSchedule(every_n_steps, samples=4, fallback=500, owner=owner)
+        self.selector = LayerSelector(layers, default=has_weight_matrix, allowed=has_weight, owner=owner)
+        self.replay = BatchReplay(loss_fn, owner=owner)
+        self.log_per_layer = log_per_layer
+        self.selected: list[tuple[str, nn.Module]] = []
 
-    def allowed_layer(self, name: str, module: nn.Module) -> bool:
-        return has_weight(name, module)
+    @property
+    def every_n_steps(self) -> int | None:
+        return self.schedule.every_n_steps
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.schedule.check_logging(trainer)
+            self.selected = self.selector.resolve(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.schedule.start(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.selected and self.schedule.arm(trainer.global_step):
+            self.replay.keep(batch, trainer.global_step)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        batch = self.take_batch(trainer)
+        batch = self.replay.take(trainer.global_step)
         if batch is None:
             return
-        params = self.trainable_parameters(pl_module)
-        groups = self.layer_parameter_names(pl_module)
+        params = trainable_parameters(pl_module)
+        ids = {id(p): n for n, p in params.items()}
+        groups = [[ids[id(p)] for p in m.parameters() if id(p) in ids] for _, m in self.selected]
         kept = [(name, g) for (name, _), g in zip(self.selected, groups, strict=True) if g]
         lrs = lr_per_parameter(trainer.optimizers, params)
-        with self.replay(pl_module, batch) as loss_of:
+        with self.replay.loss_at(pl_module, batch) as loss_of:
             values = internal_covariate_shift(loss_of, params, [g for _, g in kept], lrs)
-        if not trainer.is_global_zero:
-            return
         layers = {name: {"l2": l2, "cos": cos} for (name, _), (l2, cos) in zip(kept, values, strict=True)}
         self._record(trainer, trainer.global_step, layers=layers)
         # A layer that owns the model's first trainable parameter has no earlier layer: its G' is G.
@@ -82,14 +124,26 @@ class CovariateShiftMonitor(ProbingMonitor):
             if min(order.index(name) for name in group) > 0
         ]
         metrics: dict[str, Any] = {f"{k}_mean": finite_mean(v[k] for v in later) for k in ("l2", "cos")}
-        metrics.update(self._layer_metrics(layers, ("l2", "cos")))
+        if self.log_per_layer:
+            metrics.update({f"{k}/{layer}": v[k] for layer, v in layers.items() for k in v})
         self._log(pl_module, metrics)
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self.selected = []
+
+    def _why_nothing(self) -> str:
+        if not self.selected:
+            return f": no layer matches layers={self.selector.spec!r}"
+        return ""
+
+    @override
     def make_figure(self) -> Figure | None:
         if not self.history:
             return None
         from ..plotting import ics_figure
 
-        steps, l2 = self.series("l2")
-        _, cos = self.series("cos")
+        steps, l2 = layer_series(self.history, "l2")
+        _, cos = layer_series(self.history, "cos")
         return ics_figure(steps, l2, cos)

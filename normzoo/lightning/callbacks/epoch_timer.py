@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from ._base import DiagnosticCallback
 
@@ -39,26 +40,57 @@ class EpochTimer(DiagnosticCallback):
     default_name = "time"
 
     def __init__(self, *, synchronize_steps: bool = False, **kwargs: Any) -> None:
-        super().__init__(every_n_steps=1, **kwargs)
+        super().__init__(**kwargs)
         self.synchronize_steps = synchronize_steps
         self._epoch_start: float | None = None
         self._val_start: float | None = None
         self._val_s = 0.0
         self._step_start: float | None = None
         self._steps: list[float] = []
+        self._resumed = False
+        self._partial: dict[str, Any] | None = None  # the in-progress epoch of a loaded checkpoint
 
     @staticmethod
     def _sync(pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pass  # no step sampling to check against log_every_n_steps
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._epoch_start is not None:  # a checkpoint taken mid-epoch: keep the epoch's time so far
+            val = self._val_s + (
+                time.perf_counter() - self._val_start if self._val_start is not None else 0.0
+            )
+            state["partial"] = {
+                "elapsed_s": time.perf_counter() - self._epoch_start,
+                "val_s": val,
+                "steps": list(self._steps),
+            }
+        return state
 
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._partial = state_dict.get("partial")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming mid-epoch, Lightning does not call on_train_epoch_start again: run the clock on.
+        partial, self._partial = self._partial, None
+        if partial is not None:
+            self._sync(pl_module)
+            self._epoch_start = time.perf_counter() - float(partial["elapsed_s"])
+            self._val_s, self._steps = float(partial["val_s"]), list(partial["steps"])
+            self._resumed = True
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module)
         self._epoch_start, self._val_s, self._steps = time.perf_counter(), 0.0, []
+        self._resumed = False
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -66,6 +98,7 @@ class EpochTimer(DiagnosticCallback):
             self._sync(pl_module)
         self._step_start = time.perf_counter()
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -75,17 +108,20 @@ class EpochTimer(DiagnosticCallback):
             self._steps.append(time.perf_counter() - self._step_start)
             self._step_start = None
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch_start is not None and not trainer.sanity_checking:
             self._sync(pl_module)
             self._val_start = time.perf_counter()
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._val_start is not None:
             self._sync(pl_module)
             self._val_s += time.perf_counter() - self._val_start
             self._val_start = None
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch_start is None:
             return
@@ -101,13 +137,13 @@ class EpochTimer(DiagnosticCallback):
             steps=len(steps),
             step_mean_s=statistics.fmean(steps) if steps else None,
             step_median_s=statistics.median(steps) if steps else None,
+            resumed=self._resumed,
         )
-        if trainer.is_global_zero:
-            self._log(
-                pl_module,
-                {"epoch_s": record["train_s"], "step_s": record["step_mean_s"], "val_s": record["val_s"]},
-                epoch=True,
-            )
+        self._log(
+            pl_module,
+            {"epoch_s": record["train_s"], "step_s": record["step_mean_s"], "val_s": record["val_s"]},
+            epoch=True,
+        )
         super().on_train_epoch_end(trainer, pl_module)
 
     def summary(self, skip_first: bool = True) -> dict[str, float | int | None]:
@@ -133,6 +169,7 @@ class EpochTimer(DiagnosticCallback):
             "val_mean_s": statistics.fmean(r["val_s"] for r in records),
         }
 
+    @override
     def make_figure(self) -> Figure | None:
         if not self.history:
             return None

@@ -9,10 +9,22 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ...diagnostics import jacobian_singular_values, sv_histogram
 from ...layers import is_batch_norm
-from ._base import LayerMonitor, eval_mode, find_blocks, is_bn_without_stats, short_names
+from ._args import non_negative_int, positive_int
+from ._base import DiagnosticCallback
+from ._layers import (
+    LayerSelector,
+    LayerSpec,
+    find_blocks,
+    has_weight_matrix,
+    is_bn_without_stats,
+    short_names,
+)
+from ._replay import eval_mode
+from ._schedule import SamplingSchedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -20,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["JacobianSpectrumMonitor"]
 
 
-class JacobianSpectrumMonitor(LayerMonitor):
+class JacobianSpectrumMonitor(DiagnosticCallback):
     """Singular values of ``∂h_out/∂h_in`` of each monitored block, for a few samples of the batch.
 
     Dynamical isometry (Saxe et al. 2014; Pennington et al. 2017): a deep network trains well when the
@@ -46,6 +58,10 @@ class JacobianSpectrumMonitor(LayerMonitor):
     whatever they are given in eval mode (one probed sample, or the few probed), which is degenerate; the
     monitor warns.
 
+    Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
+    trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) picks ``N`` for
+    about 4 samples a run from ``trainer.estimated_stepping_batches`` (1000 when the length is unknown).
+
     Logged (``<name>`` defaults to ``jacobian``): ``<name>/sv_max`` (the largest singular value over
     blocks, averaged over samples) and ``<name>/sv_rms_mean`` (the root-mean-square singular value
     ``sqrt(‖J‖_F² / min(d_in, d_out))``, averaged over samples and blocks: 1 for an isometry); with
@@ -55,7 +71,7 @@ class JacobianSpectrumMonitor(LayerMonitor):
     for every run, so histograms can be compared); the last raw values are in :attr:`last_values`.
 
     Args:
-        every_n_steps: sample every N optimizer steps (default 1000).
+        every_n_steps: sample every N optimizer steps (default: automatic, see above).
         layers: the blocks (default: see above).
         max_samples: samples of the batch per block (default 4).
         max_exact_dim: largest ``d_in``/``d_out`` for the exact method (default 256).
@@ -64,7 +80,8 @@ class JacobianSpectrumMonitor(LayerMonitor):
         power_iters: power iterations of the estimate (default 1).
         bn_stats: ``"batch"`` or ``"running"`` (see above).
         seed: seed of the estimate's random probes (offset by the step).
-        **kwargs: ``log_per_layer``, ``name``, ``figure_dir``, ``save_figures``, ``figure_every_n_epochs``,
+        log_per_layer: also log every block's values.
+        **kwargs: ``name``, ``figure_dir``, ``save_figures``, ``figure_every_n_epochs``,
             ``figure_dpi``.
     """
 
@@ -73,50 +90,75 @@ class JacobianSpectrumMonitor(LayerMonitor):
     def __init__(
         self,
         *,
-        every_n_steps: int = 1000,
+        every_n_steps: int | None = None,
+        layers: LayerSpec = None,
         max_samples: int = 4,
         max_exact_dim: int = 256,
         rank: int = 16,
         power_iters: int = 1,
         bn_stats: Literal["batch", "running"] = "batch",
         seed: int = 0,
+        log_per_layer: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, **kwargs)
+        super().__init__(**kwargs)
+        owner = type(self).__name__
         if bn_stats not in ("batch", "running"):
-            raise ValueError(
-                f"JacobianSpectrumMonitor: bn_stats must be 'batch' or 'running', got {bn_stats!r}"
-            )
-        if max_samples < 1 or rank < 1 or max_exact_dim < 1 or power_iters < 0:
-            raise ValueError(
-                "JacobianSpectrumMonitor: max_samples, rank and max_exact_dim must be >= 1 and power_iters >= 0"
-            )
-        self.max_samples = max_samples
-        self.max_exact_dim = max_exact_dim
-        self.rank = rank
-        self.power_iters = power_iters
+            raise ValueError(f"{owner}: expected bn_stats to be 'batch' or 'running', got {bn_stats!r}")
+        self.schedule = SamplingSchedule(every_n_steps, samples=4, fallback=1000, owner=owner)
+        self.selector = LayerSelector(layers, default=has_weight_matrix, owner=owner)
+        self.max_samples = positive_int(owner, "max_samples", max_samples)
+        self.max_exact_dim = positive_int(owner, "max_exact_dim", max_exact_dim)
+        self.rank = positive_int(owner, "rank", rank)
+        self.power_iters = non_negative_int(owner, "power_iters", power_iters)
         self.bn_stats = bn_stats
-        self.seed = seed
+        self.seed = int(seed)
+        self.log_per_layer = log_per_layer
+        self.selected: list[tuple[str, nn.Module]] = []
         #: ``{block: (samples, r) tensor}`` of the last sampled step's singular values (not checkpointed).
         self.last_values: dict[str, Tensor] = {}
         self._inputs: dict[str, Tensor] = {}
         self._stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
         self._step = -1
 
+    @property
+    def every_n_steps(self) -> int | None:
+        return self.schedule.every_n_steps
+
     def resolve_layers(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
-        if self.layers is None:
+        """The blocks of the outermost Sequential when ``layers`` is ``None`` and it has some, else the
+        selected modules."""
+        if self.selector.spec is None:
             blocks = find_blocks(pl_module)
             if blocks:
                 return list(zip(short_names([n for n, _ in blocks]), [b for _, b in blocks], strict=True))
-        return super().resolve_layers(pl_module)
+        return self.selector.resolve(pl_module)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self.schedule.check_logging(trainer)
+        self.selected = self.resolve_layers(pl_module)
         if any(is_bn_without_stats(m) for _, b in self.selected for m in b.modules()):
             rank_zero_warn(
                 "JacobianSpectrumMonitor: a monitored BN layer has no running statistics "
                 "(track_running_stats=False); its Jacobian uses the statistics of the probed samples, not the batch's."
             )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.schedule.start(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self.selected, self._inputs, self._stats = [], {}, {}
+
+    def _why_nothing(self) -> str:
+        if not self.selected:
+            return f": no block matches layers={self.selector.spec!r}"
+        return ""
 
     # -- capture -------------------------------------------------------------------------------------------
     @staticmethod
@@ -139,10 +181,11 @@ class JacobianSpectrumMonitor(LayerMonitor):
         dims = [0, *range(2, x.dim())]
         self._stats[module] = (x.mean(dims), x.var(dims, unbiased=False))
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not (trainer.is_global_zero and self.selected and self._arm(trainer)):
+        if not (self.selected and self.schedule.arm(trainer.global_step) and self.measures_here(trainer)):
             return
         self._inputs, self._stats, self._step = {}, {}, trainer.global_step
         for name, block in self.selected:
@@ -152,6 +195,7 @@ class JacobianSpectrumMonitor(LayerMonitor):
                     if is_batch_norm(m) and getattr(m, "running_mean", None) is not None:
                         self._handles.append(m.register_forward_pre_hook(self._bn_hook))
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -222,6 +266,7 @@ class JacobianSpectrumMonitor(LayerMonitor):
         self._inputs, self._stats = {}, {}
         return layers
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -242,6 +287,7 @@ class JacobianSpectrumMonitor(LayerMonitor):
                 metrics[f"sv_rms/{layer}"] = v["rms"]
         self._log(pl_module, metrics)
 
+    @override
     def make_figure(self, max_curves: int = 5) -> Figure | None:
         """Histograms per block at up to ``max_curves`` sampled steps spread over training."""
         if not self.history:

@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from typing_extensions import override
 
 from ...diagnostics import loss_landscape
-from ._base import ProbingMonitor
+from ._args import positive_floats
+from ._base import DiagnosticCallback
+from ._replay import BatchReplay, LossFn, trainable_parameters
+from ._schedule import SamplingSchedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -18,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["LossLandscapeMonitor"]
 
 
-class LossLandscapeMonitor(ProbingMonitor):
+class LossLandscapeMonitor(DiagnosticCallback):
     """The smoothness of the loss along the gradient, as Santurkar et al. (2018, section 3.1, Figure 4).
 
     At the weights ``w`` of a sampled step, with ``g = ∇L(w)`` on that step's batch, for each step size
@@ -35,55 +38,80 @@ class LossLandscapeMonitor(ProbingMonitor):
     optimizer's actual step to four times it, whatever the learning rate; with ``relative=False`` they
     are absolute.
 
+    Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
+    trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) picks ``N`` for
+    about 4 samples a run from ``trainer.estimated_stepping_batches`` (500 when the length is unknown).
+
     Logged (``<name>`` defaults to ``landscape``): ``<name>/loss_range``, ``<name>/grad_range``,
     ``<name>/beta``. Records: ``{"step", "epoch", "loss", "grad_norm", "step_sizes", "losses",
     "grad_diffs", "loss_range", "grad_range", "beta"}``.
 
     Args:
-        every_n_steps: sample every N optimizer steps (default 500: one sample costs about one training
-            step per step size, plus one).
+        every_n_steps: sample every N optimizer steps (default: automatic, see above; one sample costs
+            about one training step per step size, plus one).
         step_sizes: the step sizes (multiples of the learning rate when ``relative``).
         relative: whether ``step_sizes`` are relative to the current learning rate.
-        loss_fn: ``loss_fn(module, batch) -> loss`` (default: ``module.loss`` or cross entropy).
+        loss_fn: ``loss_fn(module, batch) -> loss`` (default: ``module.loss`` or cross entropy of
+            ``module(batch[0])`` against ``batch[1]``); needed when a batch is not ``(input, target, ...)``.
         **kwargs: ``name``, ``figure_dir``, ``save_figures``, ``figure_every_n_epochs``, ``figure_dpi``.
     """
 
     default_name = "landscape"
+    measures_on_every_rank = True
 
     def __init__(
         self,
         *,
-        every_n_steps: int = 500,
+        every_n_steps: int | None = None,
         step_sizes: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
         relative: bool = True,
+        loss_fn: LossFn | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, **kwargs)
-        if not step_sizes or any(s <= 0 for s in step_sizes):
-            raise ValueError(f"LossLandscapeMonitor: step_sizes must be positive, got {tuple(step_sizes)}")
-        self.step_sizes = tuple(float(s) for s in step_sizes)
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        self.schedule = SamplingSchedule(every_n_steps, samples=4, fallback=500, owner=owner)
+        self.replay = BatchReplay(loss_fn, owner=owner)
+        self.step_sizes = positive_floats(owner, "step_sizes", step_sizes)
         self.relative = relative
 
-    def resolve_layers(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [("model", pl_module)]  # the whole model: g is the gradient of every trainable parameter
+    @property
+    def every_n_steps(self) -> int | None:
+        return self.schedule.every_n_steps
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.schedule.check_logging(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.schedule.start(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.schedule.arm(trainer.global_step):
+            self.replay.keep(batch, trainer.global_step)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        batch = self.take_batch(trainer)
+        batch = self.replay.take(trainer.global_step)
         if batch is None:
             return
         scale = float(optimizer.param_groups[0]["lr"]) if self.relative else 1.0
         etas = [s * scale for s in self.step_sizes]
-        with self.replay(pl_module, batch) as loss_of:
-            result = loss_landscape(loss_of, self.trainable_parameters(pl_module), etas)
-        if not trainer.is_global_zero:
-            return
+        with self.replay.loss_at(pl_module, batch) as loss_of:
+            result = loss_landscape(loss_of, trainable_parameters(pl_module), etas)
         self._record(trainer, trainer.global_step, **result._asdict())
         self._log(
             pl_module, {"loss_range": result.loss_range, "grad_range": result.grad_range, "beta": result.beta}
         )
 
+    @override
     def make_figure(self) -> Figure | None:
         if not self.history:
             return None

@@ -15,9 +15,15 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["STANDARDIZATIONS", "ClassificationDataModule", "StandardizedTensorDataset", "feature_stats"]
+__all__ = [
+    "STANDARDIZATIONS",
+    "ClassSubsetBatchSampler",
+    "ClassificationDataModule",
+    "StandardizedTensorDataset",
+    "feature_stats",
+]
 
 #: Accepted values of ``standardize``: one mean/std over everything, one per channel, or none.
 STANDARDIZATIONS = ("global", "channel", None)
@@ -111,6 +117,65 @@ def feature_stats(data: Tensor, per_channel: bool = False, chunk: int = 4096) ->
     return mean, std
 
 
+class ClassSubsetBatchSampler(Sampler[list[int]]):
+    """Non-i.i.d. minibatches: every batch drawn from ``classes_per_batch`` classes only (Ioffe 2017, 4.3).
+
+    Each batch picks ``classes_per_batch`` distinct classes at random and takes an equal share of
+    ``batch_size`` from each (the first classes take one more when it does not divide), walking through a
+    shuffled list of each class's samples and reshuffling it when it runs out. An epoch has as many batches
+    as a plain shuffled epoch (``ceil(len(targets) / batch_size)``), all of them full. The randomness comes
+    from a generator seeded from torch's global one at the start of every epoch (as torch's
+    ``RandomSampler`` does), so ``seed_everything`` makes it reproducible.
+
+    Example:
+        >>> targets = torch.arange(40) % 4
+        >>> _ = torch.manual_seed(0)
+        >>> batches = list(ClassSubsetBatchSampler(targets, batch_size=6, classes_per_batch=2))
+        >>> len(batches), {len(b) for b in batches}, {len(set(targets[b].tolist())) for b in batches}
+        (7, {6}, {2})
+    """
+
+    def __init__(self, targets: Tensor, batch_size: int, classes_per_batch: int = 2) -> None:
+        self.targets = torch.as_tensor(targets).long()
+        classes = self.targets.unique().tolist()
+        if not 1 <= classes_per_batch <= len(classes):
+            raise ValueError(
+                f"ClassSubsetBatchSampler: expected 1 <= classes_per_batch <= {len(classes)} (the classes "
+                f"present), got {classes_per_batch}"
+            )
+        if batch_size < classes_per_batch:
+            raise ValueError(
+                f"ClassSubsetBatchSampler: expected batch_size >= classes_per_batch ({classes_per_batch}), "
+                f"got {batch_size}"
+            )
+        self.batch_size = batch_size
+        self.classes_per_batch = classes_per_batch
+        self.pools = {int(c): self.targets.eq(c).nonzero().flatten() for c in classes}
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __iter__(self) -> Any:
+        gen = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        classes = list(self.pools)
+        order = {c: pool[torch.randperm(len(pool), generator=gen)] for c, pool in self.pools.items()}
+        cursor = dict.fromkeys(classes, 0)
+        k = self.classes_per_batch
+        shares = [self.batch_size // k + (1 if i < self.batch_size % k else 0) for i in range(k)]
+        for _ in range(len(self)):
+            chosen = [classes[i] for i in torch.randperm(len(classes), generator=gen)[:k].tolist()]
+            batch: list[int] = []
+            for c, share in zip(chosen, shares, strict=True):
+                pool = order[c]
+                for _ in range(share):
+                    if cursor[c] == len(pool):
+                        order[c] = pool = pool[torch.randperm(len(pool), generator=gen)]
+                        cursor[c] = 0
+                    batch.append(int(pool[cursor[c]]))
+                    cursor[c] += 1
+            yield batch
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """A LightningDataModule over in-memory arrays with the seed's split and standardization.
 
@@ -129,6 +194,9 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (0 loads in the main process: fastest for these small datasets).
         pin_memory: pin host memory in the loaders (for GPU training).
         drop_last: drop the last incomplete training batch (BatchNorm dislikes a batch of one).
+        classes_per_batch: ``None`` for shuffled (i.i.d.) training batches, or the number of classes each
+            training batch is drawn from (:class:`ClassSubsetBatchSampler`: non-i.i.d. batches, Ioffe 2017,
+            section 4.3). Validation and test batches are never affected.
 
     Attributes:
         num_classes: number of classes.
@@ -155,6 +223,7 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        classes_per_batch: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -172,6 +241,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.drop_last = drop_last
+        self.classes_per_batch = classes_per_batch
         self.mean: Tensor | None = None
         self.std: Tensor | None = None
         self.train_indices: Tensor | None = None
@@ -252,6 +322,16 @@ class ClassificationDataModule(L.LightningDataModule):
     def _loader(self, dataset: StandardizedTensorDataset | None, train: bool) -> DataLoader[Any]:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        if train and self.classes_per_batch is not None:
+            return DataLoader(
+                dataset,
+                batch_sampler=ClassSubsetBatchSampler(
+                    dataset.targets, self.batch_size, self.classes_per_batch
+                ),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0,
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

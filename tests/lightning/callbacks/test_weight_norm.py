@@ -30,7 +30,8 @@ def test_sampling_schedule_and_selection(tmp_path) -> None:
     make_trainer(tmp_path, [monitor], max_steps=7, accumulate_grad_batches=2).fit(
         TinyModule(mlp()), loader(n=112)
     )
-    assert [r["step"] for r in monitor.history] == [2, 5]  # the 3rd and 6th optimizer steps
+    # the first, the 3rd and 6th optimizer steps, and the last
+    assert [r["step"] for r in monitor.history] == [0, 2, 5, 6]
     # "2" is a ReLU: no weight, not monitored; "4" is the second linear layer (weight and bias together)
     assert list(monitor.history[0]["layers"]) == ["4"]
     assert all(0 < r["layers"]["4"]["update_ratio"] < 1 for r in monitor.history)
