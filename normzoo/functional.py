@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -41,6 +40,7 @@ __all__ = [
     "noisy_batch_norm",
     "paper_renorm_schedule",
     "renorm_correction",
+    "renorm_replay",
     "sample_noise_moments",
     "sync_batch_norm",
     "sync_batch_stats",
@@ -160,7 +160,7 @@ def batch_renorm(
     how it runs: one pass of torch's statistics kernel, the running update (unbiased variance over all
     values of a channel), one normalization pass with the batch statistics and torch's native batch-norm
     backward — the passes and saved tensors of torch's BatchNorm. Outside training, or without running
-    statistics, it is exactly :func:`batch_norm`. Double backward is not supported.
+    statistics, it is exactly :func:`batch_norm`. Double backward is BatchNorm's (``r`` and ``d`` are constants).
 
     With ``sync=True`` (training only), the batch statistics are those of the batch concatenated over the
     processes of ``process_group`` (``None``: the default group): ``r`` and ``d`` come from the global mean
@@ -173,12 +173,36 @@ def batch_renorm(
         >>> y.mean(0)  # pulled towards the running mean by the clipped d = 0.5
         tensor([0.5000, 0.5000])
     """
+    out, _ = _batch_renorm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, r_max, d_max,
+        sync=sync, process_group=process_group,
+    )  # fmt: skip
+    return out
+
+
+def _batch_renorm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+    *,
+    sync: bool = False,
+    process_group: ProcessGroup | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """:func:`batch_renorm`, also returning the step's ``(r, d)`` (``None`` where it is plain BatchNorm), which
+    is what :func:`renorm_replay` needs to compute the same step again."""
     if not training or running_mean is None or running_var is None or input.numel() == 0:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps), None
     warmup = not isinstance(r_max, Tensor) and not isinstance(d_max, Tensor) and r_max == 1.0 and d_max == 0.0
     if warmup and not sync:
         # The paper's warm-up bounds make r = 1 and d = 0: BatchNorm exactly, on its own fused kernel.
-        return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps), None
     count: Tensor | None = None
     if sync:
         # r and d come from the running statistics before this step's update.
@@ -186,14 +210,60 @@ def batch_renorm(
         mean, var, count = sync_batch_stats(input, process_group)
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         if warmup:
-            return _normalize_with_stats(input, weight, bias, mean, var, count, eps, True, process_group)
+            out = _normalize_with_stats(input, weight, bias, mean, var, count, eps, True, process_group)
+            return out, None
         r, d = renorm_correction(mean, var, previous_mean, previous_var, r_max, d_max, eps)
     else:
         bounds = [torch.as_tensor(b, dtype=torch.float64, device=running_var.device) for b in (r_max, d_max)]
         mean, var, r, d = _renorm_statistics(
             input.detach(), running_mean, running_var, momentum, eps, *bounds
         )
-    weight, bias = _renorm_affine(weight, bias, r.to(running_var.dtype), d.to(running_var.dtype))
+    correction = r.to(running_var.dtype), d.to(running_var.dtype)
+    weight, bias = _renorm_affine(weight, bias, *correction)
+    return _normalize_with_stats(input, weight, bias, mean, var, count, eps, sync, process_group), correction
+
+
+def renorm_replay(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    correction: tuple[Tensor, Tensor] | None,
+    eps: float = 1e-5,
+    *,
+    sync: bool = False,
+    process_group: ProcessGroup | None = None,
+) -> Tensor:
+    """A training step of :func:`batch_renorm` computed again from its ``(r, d)``, updating nothing.
+
+    Given the same input, it returns the output (and gradients) that the step returned, without touching
+    any running statistics: what a recomputation (``torch.utils.checkpoint``) must do, since the step's
+    ``r`` and ``d`` came from running statistics that the step itself has since updated. ``correction=None``
+    replays a plain BatchNorm step; ``running_mean`` and ``running_var`` are those the step was given (or
+    ``None``): they are read, never written, so that the replay runs the step's kernels and saves for
+    backward what the step saved (which non-reentrant checkpointing checks).
+
+    Example:
+        >>> x = 3 + 2 * torch.randn(64, 2)
+        >>> mean, var = torch.zeros(2), torch.ones(2)
+        >>> y, correction = _batch_renorm(x, mean, var, None, None, True, 0.1, 1e-5, 1.5, 0.5)
+        >>> torch.equal(renorm_replay(x, mean, var, None, None, correction), y)
+        True
+    """
+    if correction is None:
+        # Scratch copies take the running update: the layer's own statistics stay as they are.
+        mean = None if running_mean is None else running_mean.clone()
+        var = None if running_var is None else running_var.clone()
+        if sync:
+            return sync_batch_norm(input, mean, var, weight, bias, 0.0, eps, process_group)
+        return F.batch_norm(input, mean, var, weight, bias, True, 0.0, eps)
+    count: Tensor | None = None
+    if sync:
+        mean, var, count = sync_batch_stats(input, process_group)
+    else:
+        mean, var = batch_norm_stats(input)
+    weight, bias = _renorm_affine(weight, bias, *correction)
     return _normalize_with_stats(input, weight, bias, mean, var, count, eps, sync, process_group)
 
 
@@ -501,11 +571,13 @@ class _BatchNormWithStats(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         input, weight, mean, invstd, count = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if not ctx.sync:
+            # native_batch_norm_backward has its own derivative (torch's batchnorm_double_backward, which
+            # accounts for the batch statistics' dependence on the input), so a gradient of this gradient is
+            # BatchNorm's: double backward works as through torch's BatchNorm.
             # The native kernel wants the statistics in the parameters' dtype (float32 for mixed precision).
             kernel_dtype = weight.dtype if weight is not None else mean.dtype
             grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
@@ -521,6 +593,11 @@ class _BatchNormWithStats(torch.autograd.Function):
                 [needs_input, needs_weight, needs_bias],
             )
             return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "normzoo: double backward (create_graph=True) through a synchronized BatchNorm-family layer "
+                "is not supported; run it unsynchronized (sync=False) or without create_graph"
+            )
         dtype = mean.dtype
         sum_dy, sum_dy_xhat = _local_grad_sums(grad_out, input, mean, invstd, ctx.eps)
         grad_input = grad_weight = grad_bias = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 #: Input dtypes that a float32 layer normalizes in mixed precision (torch's kernels accept them, autocast
 #: produces them); any other dtype that differs from the layer's is a mistake.
 _MIXED_PRECISION_INPUTS = (torch.float16, torch.bfloat16)
+#: Training steps a layer remembers for torch.utils.checkpoint to recompute (see _recomputable_forward).
+_REPLAYS_KEPT = 16
 
 __all__ = ["BatchNormBase", "Input1d", "Input2d", "Input3d", "NormBase", "ProcessGroupRef", "SyncMixin"]
 
@@ -317,7 +320,34 @@ class BatchNormBase(SyncMixin, NormBase):
         if isinstance(input, Proxy):
             return self._fx_leaf(input)
         self._check_input(input)
+        if self.training and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            return self._recomputable_forward(input)
         return self._normalize(input)
+
+    def _recomputable_forward(self, input: Tensor) -> Tensor:
+        """A training forward that ``torch.utils.checkpoint`` can run again in backward, with the same result.
+
+        A checkpointed region runs its forward twice: first without keeping activations (under
+        ``torch.no_grad()`` with ``use_reentrant=True``, under saved-tensor hooks with ``use_reentrant=False``),
+        then again during backward to rebuild them. torch's own BatchNorm updates its running statistics
+        and step count both times. Here the first run remembers what the step depends on besides its input
+        (BatchRenorm's ``r`` and ``d``, the state of NoisyBatchNorm's own generator), and the run inside
+        backward replays it without updating anything: the statistics and ``num_batches_tracked`` advance
+        once and the gradients are the plain run's. Forwards outside those conditions (the normal path)
+        remember nothing. The most recent unreplayed steps are replayed first (backward visits checkpointed
+        regions in reverse order); a few are kept, so forwards that are never recomputed cost no memory.
+        """
+        replays: deque[tuple[Any, ...]] | None = self.__dict__.get("_replays")
+        if replays and torch._C._current_graph_task_id() != -1:  # inside a backward pass: a recomputation
+            return self._replay(input, replays.pop())
+        if torch.is_grad_enabled() and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            return self._normalize(input)  # not the first run of a checkpointed region
+        record: list[Any] = []
+        out = self._normalize(input, record)
+        if replays is None:
+            replays = self.__dict__["_replays"] = deque(maxlen=_REPLAYS_KEPT)
+        replays.append(tuple(record))
+        return out
 
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script calls this on every submodule before compiling it.
@@ -351,9 +381,22 @@ class BatchNormBase(SyncMixin, NormBase):
             )
         return tracer.create_proxy("call_module", path, (input,), {})
 
-    def _normalize(self, input: Tensor) -> Tensor:
-        """The family's computation; calls :meth:`_average_factor` once per forward."""
+    def _normalize(self, input: Tensor, record: list[Any] | None = None) -> Tensor:
+        """The family's computation; calls :meth:`_average_factor` once per forward.
+
+        With a ``record`` list, appends what :meth:`_replay` needs to compute the same training step again.
+        """
         raise NotImplementedError
+
+    def _replay(self, input: Tensor, record: tuple[Any, ...]) -> Tensor:
+        """The training step that :meth:`_normalize` recorded, computed again without updating any state.
+
+        The base class replays plain BatchNorm: batch statistics, no running update.
+        """
+        return NF.renorm_replay(
+            input, *self._running_stats_to_update(), self.weight, self.bias, None, self.eps,
+            sync=self._sync_active(), process_group=self.process_group,
+        )  # fmt: skip
 
     def _batch_norm(self, input: Tensor, momentum: float) -> Tensor:
         """Plain BatchNorm with this layer's state, synchronized over the group when :meth:`_sync_active`."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from ._base import BatchNormBase, Input1d, Input2d, Input3d
@@ -10,7 +12,7 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
 class _PlainBatchNorm(BatchNormBase):
-    def _normalize(self, input: Tensor) -> Tensor:
+    def _normalize(self, input: Tensor, record: list[Any] | None = None) -> Tensor:
         return self._batch_norm(input, self._average_factor())
 
     def extra_repr(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -107,17 +107,40 @@ class _NoisyBatchNorm(BatchNormBase):
         self.std_range = (low, high)
         self.generator = generator
 
-    def _normalize(self, input: Tensor) -> Tensor:
+    def _normalize(self, input: Tensor, record: list[Any] | None = None) -> Tensor:
         momentum = self._average_factor()
         if not self.training:
             return self._batch_norm(input, momentum)
-        running_mean, running_var = self._running_stats_to_update()
         # Compare device types: torch.Generator("cuda") reports no index and serves every CUDA device.
         if self.generator is not None and self.generator.device.type != input.device.type:
             raise RuntimeError(
                 f"{type(self).__name__} has its generator on {self.generator.device} but got input on "
                 f"{input.device}; give it a generator on the input's device"
             )
+        if record is not None:
+            # A recomputation must draw the same noise: torch.utils.checkpoint restores torch's global
+            # generator, but not this layer's own.
+            record.append(None if self.generator is None else self.generator.get_state())
+        return self._noisy(input, *self._running_stats_to_update(), momentum)
+
+    def _replay(self, input: Tensor, record: tuple[Any, ...]) -> Tensor:
+        (state,) = record
+        # Scratch copies of the running statistics take the update: the replay runs the step's kernels.
+        running_mean, running_var = self._running_stats_to_update()
+        mean = None if running_mean is None else running_mean.clone()
+        var = None if running_var is None else running_var.clone()
+        if state is None or self.generator is None:
+            return self._noisy(input, mean, var, 0.0)
+        current = self.generator.get_state()
+        self.generator.set_state(state)
+        try:
+            return self._noisy(input, mean, var, 0.0)
+        finally:
+            self.generator.set_state(current)  # draws made since the recorded step are not repeated
+
+    def _noisy(
+        self, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float
+    ) -> Tensor:
         # The noise mean becomes the kernel's bias: it must share the dtype of the layer's other per-channel
         # tensors (float32 for mixed precision), or of the input when the layer has none.
         reference = next((t for t in (self.weight, self.running_mean) if t is not None), input)

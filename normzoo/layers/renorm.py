@@ -235,10 +235,10 @@ class _BatchRenorm(BatchNormBase):
             )
         return r_max, d_max
 
-    def _normalize(self, input: Tensor) -> Tensor:
+    def _normalize(self, input: Tensor, record: list[Any] | None = None) -> Tensor:
         r_max, d_max = self.clip_bounds() if self.training else (1.0, 0.0)
         momentum = self._average_factor()
-        return NF.batch_renorm(
+        out, correction = NF._batch_renorm(
             input,
             self.running_mean,
             self.running_var,
@@ -252,6 +252,16 @@ class _BatchRenorm(BatchNormBase):
             sync=self._sync_active(),
             process_group=self.process_group,
         )
+        if record is not None:
+            record.append(correction)
+        return out
+
+    def _replay(self, input: Tensor, record: tuple[Any, ...]) -> Tensor:
+        (correction,) = record
+        return NF.renorm_replay(
+            input, self.running_mean, self.running_var, self.weight, self.bias, correction, self.eps,
+            sync=self._sync_active(), process_group=self.process_group,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         schedule = self.schedule

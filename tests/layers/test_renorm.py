@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -603,14 +604,37 @@ def test_gradcheck_r1_d0_path_and_double_backward() -> None:
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-def test_double_backward_with_clipping_is_refused_loudly() -> None:
-    """The custom backward is once-differentiable: a second derivative must raise, never be silently 0."""
+@pytest.mark.parametrize(("scale", "shift"), [(8.0, 20.0), (0.01, -20.0)], ids=["r-at-max", "r-at-min"])
+def test_gradgradcheck_with_clipping_active(scale: float, shift: float) -> None:
+    """Double backward with r and d active is BatchNorm's with weight γ·r and bias β + γ·d (issue 10: it used
+    to fail with autograd internals once the schedule left its warm-up)."""
     fn = _renorm_fn(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 2.0, 1.0)
-    x, weight, bias = _gradcheck_inputs(8.0, 20.0)
-    y = fn(x, weight, bias)
-    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()
+    assert torch.autograd.gradgradcheck(fn, _gradcheck_inputs(scale, shift))
+
+
+@pytest.mark.parametrize("step", [0, 5_000, 40_000])
+def test_double_backward_through_the_layer_at_every_stage_of_the_schedule(step: int) -> None:
+    """A gradient penalty (the gradient of a gradient norm) at any step, equal to BatchNorm's with the
+    step's γ·r, β + γ·d, computed by torch's BatchNorm with those parameters."""
+    layer = randomize_(nz.BatchRenorm2d(2)).double()
+    layer.num_batches_tracked.fill_(step)
+    x = make_inputs((3, 2, 2, 2), 1, dtype=torch.float64, scale=6.0, shift=9.0, seed=4)[0].requires_grad_()
+    r_max, d_max = layer.clip_bounds()
+    previous_mean, previous_var = layer.running_mean.clone(), layer.running_var.clone()
+    y = layer(x)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (penalty_grad,) = torch.autograd.grad(grad_x.square().sum(), layer.weight)
+    mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), unbiased=False)
+    r, d = NF.renorm_correction(mean, var, previous_mean, previous_var, float(r_max), float(d_max), layer.eps)
+    gamma = layer.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y2 = F.batch_norm(
+        x2, None, None, gamma * r, layer.bias.detach() + gamma.detach() * d, True, 0.0, layer.eps
+    )
+    (grad_x2,) = torch.autograd.grad(y2.square().sum(), x2, create_graph=True)
+    (expected,) = torch.autograd.grad(grad_x2.square().sum(), gamma)
+    torch.testing.assert_close(grad_x, grad_x2, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(penalty_grad, expected, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("needs", ["x", "w", "b", "x+w", "w+b"])
