@@ -163,12 +163,12 @@ class GraphForward:
 
 def _restore_graph_forward(
     module: nn.Module,
-    sources: dict[Variant, tuple[str, dict[str, Any]] | None],
+    sources: dict[Any, tuple[str, dict[str, Any]] | None],
     inserted: tuple[str, ...],
-    optional: tuple[str, ...],
+    optional: tuple[str, ...] = (),  # pickles of normzoo 0.1 had one source per training mode, keyed by it
 ) -> GraphForward:
     restored = {
-        variant: (
+        variant if isinstance(variant, tuple) else (bool(variant), ()): (
             source[0],
             {
                 k: importlib.import_module(v.name) if isinstance(v, _ModuleRef) else v

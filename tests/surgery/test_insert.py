@@ -423,6 +423,12 @@ def test_a_rewritten_forward_keeps_branches_on_optional_none_arguments() -> None
     x = torch.randn(3, 4)
     torch.testing.assert_close(inserted(x), model(x), rtol=0, atol=0)
     torch.testing.assert_close(inserted.second(x), model.second(x), rtol=0, atol=0)  # shortcut=None
+    buffer = io.BytesIO()
+    torch.save(inserted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # the code of every variant travels with the model
+    torch.testing.assert_close(loaded.second(x), model.second(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.first(x, x), model.first(x, x), rtol=0, atol=0)
     batch_normed = nz.insert_bn(model, example_input=x)
     assert batch_normed(x).shape == (3, 4)
 
