@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from .. import layers
 from ..surgery import _modules
+from ..surgery._kinds import after_norm
 from ..surgery.sync import SyncedTorchBatchNorm, convert_sync
 
 __all__ = ["BatchNormAct2d", "BatchRenormAct2d", "NoisyBatchNormAct2d", "SyncedBatchNormAct2d"]
@@ -138,7 +139,7 @@ class SyncedBatchNormAct2d(SyncedTorchBatchNorm, TimmBatchNormAct2d):
     unsynced_class = TimmBatchNormAct2d
 
     def _after_norm(self, output: Tensor) -> Tensor:
-        return self.act(self.drop(output))
+        return after_norm(self, output)
 
 
 NORM_ACT_LAYERS: tuple[type[nn.Module], ...] = (BatchNormAct2d, BatchRenormAct2d, NoisyBatchNormAct2d)

@@ -196,6 +196,8 @@ class BatchNormBase(SyncMixin, NormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.sync = bool(sync) or process_group is not None
         self.process_group = process_group
+        # What the user chose; tools that re-estimate statistics in training mode switch it (see below).
+        self._constructed_momentum = momentum
         #: Leave the running statistics and the step count as they were when a training step's update would
         #: make them non-finite (a NaN or inf batch), counting such steps in :attr:`skipped_updates`.
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -287,26 +289,22 @@ class BatchNormBase(SyncMixin, NormBase):
                     f"{reference.dtype})), or run under torch.autocast for mixed precision"
                 )
 
-    def reset_parameters(self) -> None:
-        # A full re-initialization (also after to_empty, whose step count is garbage) restarts on purpose.
-        _TorchBatchNorm.reset_running_stats(self)
-        super().reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        counted = self.num_batches_tracked
-        if counted is not None and counted.device.type != "meta" and int(counted) > 0:
-            self._warn_training_pass("reset_running_stats() after training, as update_bn calls it")
-        super().reset_running_stats()
-
-    def _warn_training_pass(self, got: str) -> None:
-        """Warn where a re-estimation of population statistics in training mode would be wrong for the family."""
-        if self._training_pass_caveat is not None:
+    def _warn_training_pass(self) -> None:
+        """Warn when the momentum was switched to ``None`` or 1 after construction, as the loops that re-estimate
+        population statistics in training mode do, where that is wrong for the family."""
+        momentum = self.momentum
+        if (
+            self._training_pass_caveat is not None
+            and (momentum is None or momentum == 1.0)
+            and momentum != getattr(self, "_constructed_momentum", momentum)
+        ):
             warnings.warn(
                 f"{type(self).__name__}: expected population statistics from normzoo.recompute_bn_stats(model, "
-                f"loader), got {got} (torch.optim.swa_utils.update_bn, PreciseBN): "
+                f"loader), got a training step with momentum={momentum} set after construction, as "
+                "torch.optim.swa_utils.update_bn, Lightning's StochasticWeightAveraging and PreciseBN do: "
                 f"{self._training_pass_caveat}",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def _average_factor(self) -> float:
@@ -314,8 +312,7 @@ class BatchNormBase(SyncMixin, NormBase):
         if not (self.training and self.track_running_stats):
             return 0.0 if self.momentum is None else self.momentum
         assert self.num_batches_tracked is not None
-        if self.momentum == 1.0:  # running statistics = this batch's: PreciseBN's setting
-            self._warn_training_pass("a training step with momentum=1, as PreciseBN takes")
+        self._warn_training_pass()
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average, as torch
             if torch.jit.is_tracing():

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
+import normzoo as nz
+
 from ._models import images, net_pair
 
 
@@ -47,3 +49,20 @@ def test_vmap_per_sample_gradients(kind: str) -> None:
     for name in looped:
         torch.testing.assert_close(vmapped[name], looped[name], rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(vmapped[name], ref_vmapped[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_vmap_refuses_noisy_training_without_a_randomness_choice() -> None:
+    """Loud by torch: vmap refuses random operations unless told how samples share them."""
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nz.NoisyBatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
+    replace_all_batch_norm_modules_(model)
+    x = images(5, seed=2)
+    with pytest.raises(RuntimeError, match="randomness"):
+        _per_sample_grads(model, x, torch.zeros(5, dtype=torch.long))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p: dict[str, Tensor], sample: Tensor) -> Tensor:
+        return functional_call(model, p, (sample.unsqueeze(0),)).sum()
+
+    grads = vmap(grad(loss), in_dims=(None, 0), randomness="same")(params, x)
+    assert grads["3.weight"].shape == (5, 2, 64)

@@ -129,3 +129,21 @@ def test_torchvision_norm_layer(name: str, kind: str) -> None:
     assert len(norms) == len(_norms(reference)) > 0
     assert all(type(m) is PLAIN[kind] for m in norms)
     _assert_same_outputs(model, reference)
+
+
+@pytest.mark.parametrize("kind", NZ_KINDS)
+def test_timm_freeze_keeps_the_activation_of_normzoo_norm_act_layers(kind: str) -> None:
+    from timm.layers import FrozenBatchNormAct2d, freeze_batch_norm_2d
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "tinynet_e", pretrained=False, num_classes=3, drop_rate=0.0, norm_layer=NORM_ACT[kind]
+    )
+    with torch.no_grad():
+        model.train()(_x())  # non-trivial statistics
+    expected = model.eval()(_x())
+    frozen = freeze_batch_norm_2d(model)
+    assert not _norms(frozen)
+    assert type(frozen.bn1) is FrozenBatchNormAct2d
+    assert type(frozen.bn1.act) is nn.SiLU
+    torch.testing.assert_close(frozen.train()(_x()), expected, rtol=1e-5, atol=1e-6)  # frozen: eval math

@@ -4,7 +4,9 @@ Both find BatchNorm by ``isinstance`` and re-estimate the running statistics by 
 training mode. For torch's BatchNorm and normzoo's the result must be the population statistics that
 ``normzoo.recompute_bn_stats`` gives. BatchRenorm (whose clip-bound schedule counts ``num_batches_tracked``,
 which ``update_bn`` zeroes) and NoisyBatchNorm (whose training output carries noise into every later layer's
-statistics) cannot be right under these loops, so they say so, naming ``normzoo.recompute_bn_stats``.
+statistics) cannot be right under these loops, so they say so, naming ``normzoo.recompute_bn_stats``: the
+loops switch the layers' momentum to ``None`` (``update_bn``, Lightning's ``StochasticWeightAveraging``) or
+1 (PreciseBN), and the layers warn at a training step with a momentum switched that way.
 """
 
 from __future__ import annotations
@@ -124,10 +126,27 @@ def test_recompute_bn_stats_is_the_quiet_way(kind: str) -> None:
     assert [int(m.num_batches_tracked) for m in bn_layers(model)] == [20_000, 20_000]
 
 
-def test_a_fresh_renorm_layer_resets_quietly() -> None:
-    """Nothing to lose before the first training step: construction and early resets stay silent."""
+@pytest.mark.parametrize("kind", sorted(LOUD))
+def test_lightning_stochastic_weight_averaging_on_renorm_and_noisy_is_loud(kind: str) -> None:
+    """Lightning's SWA callback zeroes the statistics itself (no reset_running_stats) and sets momentum=None."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _trained(kind)[1]
+
+    module = Module()
+    pl.callbacks.StochasticWeightAveraging(swa_lrs=0.1).reset_batch_norm_and_save_state(module)
+    with pytest.warns(UserWarning, match=LOUD[kind]):
+        module.net.train()(batches()[0])
+
+
+@pytest.mark.parametrize("momentum", [None, 1.0])
+@pytest.mark.parametrize("kind", sorted(LOUD))
+def test_a_momentum_chosen_at_construction_trains_quietly(kind: str, momentum: float | None) -> None:
+    """The warning is about a momentum switched by a re-estimation loop, not one the user chose."""
+    layer = {"renorm": nz.BatchRenorm2d, "noisy": nz.NoisyBatchNorm2d}[kind](3, momentum=momentum)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        layer = nz.BatchRenorm2d(3)
-        layer.reset_running_stats()
-        nz.NoisyBatchNorm2d(3).reset_running_stats()
+        layer.train()(batches()[0])
