@@ -22,13 +22,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -159,7 +159,7 @@ def batch_renorm(
     how it runs: one pass of torch's statistics kernel, the running update (unbiased variance over all
     values of a channel), one normalization pass with the batch statistics and torch's native batch-norm
     backward — the passes and saved tensors of torch's BatchNorm. Outside training, or without running
-    statistics, it is exactly :func:`batch_norm`. Double backward is not supported.
+    statistics, it is exactly :func:`batch_norm`. Double backward is BatchNorm's (``r`` and ``d`` are constants).
 
     With ``sync=True`` (training only), the batch statistics are those of the batch concatenated over the
     processes of ``process_group`` (``None``: the default group): ``r`` and ``d`` come from the global mean
@@ -259,9 +259,9 @@ def sample_noise_moments(
         True
     """
     low, high = std_range
-    if mean_range < 0 or not 0 <= low <= high:
+    if not (0.0 <= mean_range < math.inf and 0.0 <= low <= high < math.inf):  # NaN fails every comparison
         raise ValueError(
-            f"expected mean_range >= 0 and 0 <= std_range[0] <= std_range[1], "
+            f"sample_noise_moments: expected finite mean_range >= 0 and 0 <= std_range[0] <= std_range[1], "
             f"got mean_range={mean_range}, std_range={std_range}"
         )
     mean = torch.empty(num_features, device=device, dtype=dtype).uniform_(
@@ -500,11 +500,13 @@ class _BatchNormWithStats(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         input, weight, mean, invstd, count = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if not ctx.sync:
+            # native_batch_norm_backward has its own derivative (torch's batchnorm_double_backward, which
+            # accounts for the batch statistics' dependence on the input), so a gradient of this gradient is
+            # BatchNorm's: double backward works as through torch's BatchNorm.
             # The native kernel wants the statistics in the parameters' dtype (float32 for mixed precision).
             kernel_dtype = weight.dtype if weight is not None else mean.dtype
             grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
@@ -520,6 +522,11 @@ class _BatchNormWithStats(torch.autograd.Function):
                 [needs_input, needs_weight, needs_bias],
             )
             return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "normzoo: double backward (create_graph=True) through a synchronized BatchNorm-family layer "
+                "is not supported; run it unsynchronized (sync=False) or without create_graph"
+            )
         dtype = mean.dtype
         sum_dy, sum_dy_xhat = _local_grad_sums(grad_out, input, mean, invstd, ctx.eps)
         grad_input = grad_weight = grad_bias = None

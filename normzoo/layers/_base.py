@@ -1,25 +1,37 @@
 """The shared base of normzoo's batch-normalization family.
 
-Modelled on ``torch.nn.modules.batchnorm``: :class:`NormBase` owns the parameters, buffers, state-dict
-versioning and ``extra_repr`` (all named exactly as torch's, so checkpoints move between the two), and
-:class:`BatchNormBase` adds the training-mode bookkeeping (``num_batches_tracked``, cumulative
-``momentum=None``) and input checks. A family implements :meth:`BatchNormBase._normalize`; a dimension
-(1d/2d/3d) sets only :attr:`BatchNormBase._input_dims`. :class:`SyncMixin` holds the synchronization
-settings (``sync``, ``process_group``) that every layer of the family has, see ``docs/distributed.md``.
+Every normzoo layer is a torch BatchNorm: :class:`NormBase` is torch's ``_BatchNorm`` (parameters,
+buffers, ``reset_*`` and the versioned ``_load_from_state_dict``, all torch's, so checkpoints move between
+the two) with normzoo's argument checks and ``extra_repr``; :class:`BatchNormBase` adds normzoo's forward:
+the training-mode bookkeeping (``num_batches_tracked``, cumulative ``momentum=None``), input checks that
+name the layer and raise torch's exception types, and synchronization (:class:`SyncMixin`: ``sync``,
+``process_group``, see ``docs/distributed.md``). A family implements :meth:`BatchNormBase._normalize`; a
+concrete class mixes in a dimension (``Input1d``/``Input2d``/``Input3d``) and torch's ``BatchNorm{k}d``,
+e.g. ``class BatchRenorm2d(Input2d, _BatchRenorm, nn.BatchNorm2d)``, so that
+``isinstance(layer, nn.BatchNorm2d)`` holds while normzoo's ``forward`` comes first in the MRO.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.fx import Proxy, Tracer
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import functional as NF
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+#: Input dtypes that a float32 layer normalizes in mixed precision (torch's kernels accept them, autocast
+#: produces them); any other dtype that differs from the layer's is a mistake.
+_MIXED_PRECISION_INPUTS = (torch.float16, torch.bfloat16)
 
 __all__ = ["BatchNormBase", "Input1d", "Input2d", "Input3d", "NormBase", "ProcessGroupRef", "SyncMixin"]
 
@@ -88,15 +100,16 @@ class SyncMixin:
         return ", sync=True" + ("" if self.process_group is None else ", process_group=<custom>")
 
 
-class NormBase(nn.Module):
-    """Parameters and running statistics of a batch-normalization layer, as torch lays them out."""
+class NormBase(_TorchBatchNorm):
+    """torch's ``_BatchNorm`` (parameters, buffers, ``reset_*``, versioned ``_load_from_state_dict``) with
+    normzoo's argument checks and ``extra_repr``.
 
-    _version = 2
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
+    The constructor is torch's, in torch's order: ``num_features, eps, momentum, affine,
+    track_running_stats, device, dtype, *, bias`` (``bias=False``: a weight without a bias). Any integer-like
+    ``num_features`` is accepted (``operator.index``); ``eps`` and ``momentum`` are checked where torch checks
+    them, in ``forward`` (see :meth:`BatchNormBase._check_arguments`), so that a layer built with ``eps=0``
+    evaluates like torch's.
+    """
 
     def __init__(
         self,
@@ -107,103 +120,48 @@ class NormBase(nn.Module):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(
-                f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}"
-            )
-        if eps <= 0:
-            raise ValueError(f"{type(self).__name__}: eps must be positive, got {eps}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, got {momentum}")
-        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self.weight: nn.Parameter | None
-        self.bias: nn.Parameter | None
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.running_mean: Tensor | None
-        self.running_var: Tensor | None
-        self.num_batches_tracked: Tensor | None
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
-            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(
-                    0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}
-                ),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, step count 0."""
-        if self.track_running_stats:
-            assert self.running_mean is not None
-            assert self.running_var is not None
-            assert self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Running statistics reset, weight 1, bias 0."""
-        self.reset_running_stats()
-        if self.affine:
-            assert self.weight is not None
-            assert self.bias is not None
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        super().__init__(
+            _channel_count(type(self).__name__, num_features),
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+        )
 
     def extra_repr(self) -> str:
+        bias = ", bias=False" if self.affine and self.bias is None else ""
         return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}{bias}, "
             f"track_running_stats={self.track_running_stats}"
         )
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # Checkpoints written before num_batches_tracked existed (torch's version < 2) lack it: start at 0,
-        # as torch does, so that old torch BN checkpoints load too.
-        version = local_metadata.get("version")
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            assert self.num_batches_tracked is not None
-            state_dict[key] = (
-                self.num_batches_tracked
-                if self.num_batches_tracked.device != torch.device("meta")
-                else torch.tensor(0, dtype=torch.long)
-            )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+
+def _channel_count(name: str, num_features: Any) -> int:
+    """``num_features`` as an ``int`` (numpy integers and other ``__index__`` types too), at least 0."""
+    if isinstance(num_features, bool):
+        raise TypeError(f"{name}: expected num_features to be an int, got {num_features!r}")
+    try:
+        count = operator.index(num_features)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected num_features to be an int, got {type(num_features).__name__} {num_features!r}"
+        ) from None
+    if count < 0:
+        raise ValueError(f"{name}: expected num_features >= 0, got {count}")
+    return count
 
 
 class BatchNormBase(SyncMixin, NormBase):
     """Training bookkeeping, input checks and synchronization shared by every normzoo BatchNorm-family layer.
 
-    Subclasses implement :meth:`_normalize` (the family) and set :attr:`_input_dims` (the dimension).
+    Subclasses implement :meth:`_normalize` (the family) and mix in an ``Input{k}d`` class (the dimension)
+    together with torch's ``BatchNorm{k}d``, so that every layer is a torch BatchNorm of its dimension.
     The keyword-only ``sync`` and ``process_group`` arguments (see :class:`SyncMixin`) make the layer
     reduce its batch statistics over a process group in data-parallel training; giving a
     ``process_group`` implies ``sync=True``.
@@ -224,29 +182,59 @@ class BatchNormBase(SyncMixin, NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         sync: bool = False,
         process_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.sync = bool(sync) or process_group is not None
         self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        # torch's hook for the dimension check (ValueError, as torch's), with the expected shapes named.
+        if input.dim() not in self._input_dims:
+            raise ValueError(
+                f"{type(self).__name__} expected a {'D or '.join(map(str, self._input_dims))}D input of shape "
+                f"{self._input_shapes}, got {input.dim()}D input of shape {tuple(input.shape)}"
+            )
+
+    def _check_arguments(self) -> None:
+        """``eps`` and ``momentum`` checked where torch checks ``eps``: at the forward that would use them.
+
+        torch accepts ``eps=0`` in eval and rejects it in training (ValueError); a non-finite ``eps`` or
+        ``momentum`` (which torch turns into NaN outputs or statistics without a word) is rejected too.
+        """
+        name = type(self).__name__
+        eps = self.eps
+        if self._uses_batch_stats():
+            if not (0.0 < eps < math.inf):
+                raise ValueError(f"{name}: eps must be positive and finite in training, got {eps}")
+        elif not (0.0 <= eps < math.inf):
+            raise ValueError(f"{name}: eps must be non-negative and finite, got {eps}")
+        momentum = self.momentum
+        if (
+            self.training
+            and self.track_running_stats
+            and momentum is not None
+            and not (0.0 <= momentum <= 1.0)
+        ):
+            raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum}")
 
     def _check_input(self, input: Tensor) -> None:
         name = type(self).__name__
         if not isinstance(input, Tensor):
             raise TypeError(f"{name} expected a torch.Tensor, got {type(input).__name__}")
-        if input.dim() not in self._input_dims:
-            raise ValueError(
-                f"{name} expected a {'D or '.join(map(str, self._input_dims))}D input of shape "
-                f"{self._input_shapes}, got {input.dim()}D input of shape {tuple(input.shape)}"
-            )
+        self._check_input_dim(input)
+        self._check_arguments()
+        # The exception types are torch's for the same input: RuntimeError for a channel count or a device
+        # that does not match the layer's tensors, NotImplementedError for a non-floating-point input.
         if input.shape[1] != self.num_features:
-            raise ValueError(
+            raise RuntimeError(
                 f"{name}({self.num_features}) expected {self.num_features} channels in dimension 1, "
                 f"got input of shape {tuple(input.shape)} with {input.shape[1]}"
             )
         if not input.is_floating_point():
-            raise TypeError(f"{name} expected a floating-point input, got dtype {input.dtype}")
+            raise NotImplementedError(f"{name} expected a floating-point input, got dtype {input.dtype}")
         # One value per channel is fine when the statistics are reduced over several processes (torch's rule).
         if (
             self._uses_batch_stats()
@@ -258,11 +246,20 @@ class BatchNormBase(SyncMixin, NormBase):
                 f"in {name}({self.num_features})"
             )
         reference = self.weight if self.weight is not None else self.running_mean
-        if reference is not None and reference.device != input.device:
-            raise RuntimeError(
-                f"{name} has its parameters and buffers on {reference.device} but got input on "
-                f"{input.device}; move one of them with .to()"
-            )
+        if reference is not None:
+            if reference.device != input.device:
+                raise RuntimeError(
+                    f"{name} has its parameters and buffers on {reference.device} but got input on "
+                    f"{input.device}; move one of them with .to()"
+                )
+            if input.dtype != reference.dtype and not (
+                input.dtype in _MIXED_PRECISION_INPUTS and reference.dtype == torch.float32
+            ):
+                raise RuntimeError(
+                    f"{name} has its parameters and buffers in {reference.dtype} but got input in "
+                    f"{input.dtype}; cast one of them (e.g. layer.to({input.dtype}) or input.to("
+                    f"{reference.dtype})), or run under torch.autocast for mixed precision"
+                )
 
     def _average_factor(self) -> float:
         """Counts this training step and returns the weight of its statistics in the running ones."""
@@ -271,6 +268,14 @@ class BatchNormBase(SyncMixin, NormBase):
         assert self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average, as torch
+            if torch.jit.is_tracing():
+                warnings.warn(
+                    f"{type(self).__name__}: torch.jit.trace records momentum=None's cumulative-average "
+                    "factor 1/num_batches_tracked as a constant of the traced step (torch's BatchNorm does the "
+                    "same), so the traced module's running statistics are wrong at every other step; give "
+                    "the layer a float momentum, or use torch.compile or torch.export",
+                    stacklevel=2,
+                )
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
@@ -285,8 +290,42 @@ class BatchNormBase(SyncMixin, NormBase):
         return None, None
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            return self._fx_leaf(input)
         self._check_input(input)
         return self._normalize(input)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise RuntimeError(
+            f"{type(self).__name__}: torch.jit.script is not supported (TorchScript is deprecated in torch, and "
+            "cannot express this layer's schedule, noise or synchronization); use torch.compile or "
+            "torch.export, or torch.jit.trace. To script a model for inference, swap the layers for torch's "
+            "first: normzoo.replace_bn(model, 'torch') keeps the eval outputs."
+        )
+
+    def _fx_leaf(self, input: Proxy) -> Proxy:
+        """Under ``torch.fx`` symbolic tracing, record this layer as one ``call_module`` node (a leaf).
+
+        fx treats torch's own modules as leaves (by their ``__module__``) and traces through any other;
+        tracing through this ``forward`` would run its step counting and schedule once, at trace time, and
+        bake the result into the graph. As a leaf, the traced ``GraphModule`` calls the layer itself, so it
+        computes and updates exactly what the layer does, for every fx tracer.
+        """
+        tracer = input.tracer
+        if not isinstance(tracer, Tracer):
+            raise RuntimeError(
+                f"{type(self).__name__}: traced by {type(tracer).__name__}, which is not a torch.fx.Tracer; "
+                "normzoo layers are recorded as call_module leaves by torch.fx.Tracer and its subclasses"
+            )
+        path = tracer.path_of_module(self)
+        if not path:
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.fx cannot trace a normzoo layer as the root module (its "
+                "forward updates state and is recorded as one call); trace a model that contains it, "
+                "e.g. torch.fx.symbolic_trace(torch.nn.Sequential(layer))"
+            )
+        return tracer.create_proxy("call_module", path, (input,), {})
 
     def _normalize(self, input: Tensor) -> Tensor:
         """The family's computation; calls :meth:`_average_factor` once per forward."""

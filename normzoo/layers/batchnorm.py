@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._base import BatchNormBase, Input1d, Input2d, Input3d
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _BatchNorm(BatchNormBase):
+class _PlainBatchNorm(BatchNormBase):
     def _normalize(self, input: Tensor) -> Tensor:
         return self._batch_norm(input, self._average_factor())
 
@@ -17,7 +17,7 @@ class _BatchNorm(BatchNormBase):
         return super().extra_repr() + self._sync_repr()
 
 
-class BatchNorm1d(Input1d, _BatchNorm):
+class BatchNorm1d(Input1d, _PlainBatchNorm, nn.BatchNorm1d):
     """BatchNorm over ``(N, C)`` or ``(N, C, L)`` inputs; a drop-in for :class:`torch.nn.BatchNorm1d`.
 
     Same constructor, parameters, buffers, ``state_dict`` keys and numbers as torch's (it runs torch's
@@ -34,7 +34,7 @@ class BatchNorm1d(Input1d, _BatchNorm):
     """
 
 
-class BatchNorm2d(Input2d, _BatchNorm):
+class BatchNorm2d(Input2d, _PlainBatchNorm, nn.BatchNorm2d):
     """BatchNorm over ``(N, C, H, W)`` inputs; a drop-in for :class:`torch.nn.BatchNorm2d`.
 
     Example:
@@ -45,7 +45,7 @@ class BatchNorm2d(Input2d, _BatchNorm):
     """
 
 
-class BatchNorm3d(Input3d, _BatchNorm):
+class BatchNorm3d(Input3d, _PlainBatchNorm, nn.BatchNorm3d):
     """BatchNorm over ``(N, C, D, H, W)`` inputs; a drop-in for :class:`torch.nn.BatchNorm3d`.
 
     Example:

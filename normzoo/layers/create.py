@@ -15,7 +15,6 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._base import BatchNormBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .noisy import NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyBatchNorm3d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -95,8 +94,10 @@ def create_norm_layer(norm: NormSpec, num_features: int, ndim: int = 2, **kwargs
 def is_batch_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a batch-normalization layer: torch's (SyncBatchNorm and timm's too) or normzoo's.
 
+    Every normzoo layer is a subclass of torch's ``_BatchNorm``, so this is that ``isinstance`` check.
+
     Example:
         >>> is_batch_norm(nn.BatchNorm2d(3)), is_batch_norm(BatchRenorm1d(3)), is_batch_norm(nn.LayerNorm(3))
         (True, True, False)
     """
-    return isinstance(module, (_BatchNorm, BatchNormBase))
+    return isinstance(module, _BatchNorm)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as NF
 from ._base import BatchNormBase, Input1d, Input2d, Input3d
@@ -46,15 +47,16 @@ class _NoisyBatchNorm(BatchNormBase):
         momentum: weight of the batch statistics in the running ones; ``None`` for a cumulative average.
         affine: learn ``γ`` and ``β``.
         track_running_stats: keep running statistics for eval (else eval uses batch statistics).
-        mean_range: half-width of the uniform distribution of each step's noise mean.
-        std_range: bounds of the uniform distribution of each step's noise standard deviation.
-        generator: the random generator for the noise (on the layer's device); ``None`` for torch's global one.
         device: where to create parameters and buffers.
         dtype: dtype of parameters and buffers.
+        bias: with ``affine``, learn ``β`` too (``False``: a weight without a bias, as in torch).
         sync: reduce the batch statistics over ``process_group`` in data-parallel training, each process
             drawing its own noise (see
             ``docs/distributed.md``); unsynchronized when false or with a single process.
         process_group: the group to synchronize over, ``None`` for the default group; implies ``sync``.
+        mean_range: half-width of the uniform distribution of each step's noise mean.
+        std_range: bounds of the uniform distribution of each step's noise standard deviation.
+        generator: the random generator for the noise (on the layer's device); ``None`` for torch's global one.
     """
 
     def __init__(
@@ -64,14 +66,15 @@ class _NoisyBatchNorm(BatchNormBase):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        mean_range: float = DEFAULT_MEAN_RANGE,
-        std_range: tuple[float, float] = DEFAULT_STD_RANGE,
-        generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         sync: bool = False,
         process_group: ProcessGroup | None = None,
+        mean_range: float = DEFAULT_MEAN_RANGE,
+        std_range: tuple[float, float] = DEFAULT_STD_RANGE,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(
             num_features,
@@ -81,17 +84,25 @@ class _NoisyBatchNorm(BatchNormBase):
             track_running_stats,
             device,
             dtype,
+            bias=bias,
             sync=sync,
             process_group=process_group,
         )
-        low, high = std_range
-        if mean_range < 0 or not 0 <= low <= high:
+        name = type(self).__name__
+        try:
+            low, high = (float(bound) for bound in std_range)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{name}: expected std_range to be a pair (low, high), got {std_range!r}"
+            ) from None
+        # Written so that NaN fails every comparison; infinite noise would make every output inf or NaN.
+        if not (0.0 <= mean_range < math.inf and 0.0 <= low <= high < math.inf):
             raise ValueError(
-                f"{type(self).__name__}: expected mean_range >= 0 and 0 <= std_range[0] <= std_range[1], "
+                f"{name}: expected finite mean_range >= 0 and 0 <= std_range[0] <= std_range[1] < inf, "
                 f"got mean_range={mean_range}, std_range={std_range}"
             )
         self.mean_range = float(mean_range)
-        self.std_range = (float(low), float(high))
+        self.std_range = (low, high)
         self.generator = generator
 
     def _normalize(self, input: Tensor) -> Tensor:
@@ -107,7 +118,7 @@ class _NoisyBatchNorm(BatchNormBase):
             )
         # The noise mean becomes the kernel's bias: it must share the dtype of the layer's other per-channel
         # tensors (float32 for mixed precision), or of the input when the layer has none.
-        reference = next((t for t in (self.bias, self.running_mean) if t is not None), input)
+        reference = next((t for t in (self.weight, self.running_mean) if t is not None), input)
         dtype = reference.dtype
         noise_mean, noise_std = NF.sample_noise_moments(
             self.num_features, self.mean_range, self.std_range,
@@ -126,7 +137,7 @@ class _NoisyBatchNorm(BatchNormBase):
         )
 
 
-class NoisyBatchNorm1d(Input1d, _NoisyBatchNorm):
+class NoisyBatchNorm1d(Input1d, _NoisyBatchNorm, nn.BatchNorm1d):
     """Noisy BatchNorm over ``(N, C)`` or ``(N, C, L)`` inputs; arguments and semantics as in :class:`_NoisyBatchNorm`.
 
     Example:
@@ -142,7 +153,7 @@ class NoisyBatchNorm1d(Input1d, _NoisyBatchNorm):
     """
 
 
-class NoisyBatchNorm2d(Input2d, _NoisyBatchNorm):
+class NoisyBatchNorm2d(Input2d, _NoisyBatchNorm, nn.BatchNorm2d):
     """Noisy BatchNorm over ``(N, C, H, W)`` inputs; arguments and semantics as in :class:`_NoisyBatchNorm`.
 
     Example:
@@ -152,7 +163,7 @@ class NoisyBatchNorm2d(Input2d, _NoisyBatchNorm):
     """
 
 
-class NoisyBatchNorm3d(Input3d, _NoisyBatchNorm):
+class NoisyBatchNorm3d(Input3d, _NoisyBatchNorm, nn.BatchNorm3d):
     """Noisy BatchNorm over ``(N, C, D, H, W)`` inputs; arguments and semantics as in :class:`_NoisyBatchNorm`.
 
     Example:

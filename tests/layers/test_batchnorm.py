@@ -13,6 +13,7 @@ import pickle
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -285,34 +286,87 @@ def test_reset_like_torch(family: str) -> None:
     _assert_state_equal(ours.state_dict(), nn.BatchNorm1d(3).state_dict())
 
 
-def _torch_bn_parameters() -> list[Any]:
-    """Every argument of torch's BatchNorm constructor in the installed torch (keyword-only ones too)."""
-    names = [n for n in inspect.signature(nn.BatchNorm2d.__init__).parameters if n != "self"]
-    xfail = pytest.mark.xfail(
-        strict=True,
-        reason="torch's BatchNorm has a keyword-only bias=True option (weight without bias) that ours lacks",
-    )
-    return [pytest.param(n, marks=xfail) if n == "bias" else n for n in names]
+TORCH_SIGNATURE = inspect.signature(nn.BatchNorm2d.__init__).parameters
 
 
-@pytest.mark.parametrize("family", ["batchnorm", "noisy"])
-@pytest.mark.parametrize("name", _torch_bn_parameters())
-def test_constructor_accepts_every_torch_argument(family: str, name: str) -> None:
-    """A drop-in replacement: any keyword that torch's BatchNorm takes, ours takes, with the same default."""
-    theirs = inspect.signature(nn.BatchNorm2d.__init__).parameters[name]
-    ours = inspect.signature(FAMILIES[family][1].__init__).parameters
-    assert name in ours
-    assert ours[name].default == theirs.default
+@pytest.mark.parametrize("family", ["batchnorm", "renorm", "noisy"])
+def test_constructor_takes_torchs_arguments_in_torchs_order(family: str) -> None:
+    """A drop-in replacement: torch's arguments first, in torch's order and kinds, with torch's defaults."""
+    ours = list(inspect.signature(FAMILIES[family][1].__init__).parameters.values())
+    theirs = list(TORCH_SIGNATURE.values())
+    for mine, torchs in zip(ours, theirs, strict=False):
+        assert (mine.name, mine.kind, mine.default) == (torchs.name, torchs.kind, torchs.default)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs) :])
+
+
+@pytest.mark.parametrize("family", ["batchnorm", "renorm", "noisy"])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_is_a_torch_batchnorm_of_its_dimension(family: str, ndim: int) -> None:
+    layer = FAMILIES[family][ndim - 1](3)
+    assert isinstance(layer, TORCH_BN[ndim - 1])
+    assert isinstance(layer, nn.modules.batchnorm._BatchNorm)
+    assert not isinstance(layer, TORCH_BN[ndim % 3])
+    assert list(layer.state_dict()) == list(TORCH_BN[ndim - 1](3).state_dict())
+
+
+@pytest.mark.parametrize("family", ["batchnorm", "renorm", "noisy"])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_torch_positional_arguments(family: str, ndim: int) -> None:
+    """``(C, eps, momentum, affine, track_running_stats)`` positionally means what it means to torch."""
+    ours = FAMILIES[family][ndim - 1](3, 1e-3, 0.8, False, False)
+    theirs = TORCH_BN[ndim - 1](3, 1e-3, 0.8, False, False)
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(ours, name) == getattr(theirs, name)
+    assert _tensors(ours) == _tensors(theirs)
+
+
+@pytest.mark.parametrize("family", ["batchnorm", "renorm", "noisy"])
+@pytest.mark.parametrize(
+    "num_features", [np.int64(3), np.int32(3), torch.tensor(3)], ids=["np64", "np32", "tensor"]
+)
+def test_integer_like_num_features(family: str, num_features: Any) -> None:
+    layer = FAMILIES[family][1](num_features)
+    assert type(layer.num_features) is int
+    assert layer.num_features == 3
+    assert layer.weight.shape == (3,)
+
+
+@pytest.mark.parametrize("family", ["batchnorm", "renorm", "noisy"])
+@pytest.mark.parametrize("track", [True, False])
+def test_weight_without_bias_matches_torch(family: str, track: bool) -> None:
+    """``bias=False``: a learnable weight and no bias, as in torch (for every family in its BN regime)."""
+    kwargs: dict[str, Any] = {"bias": False, "track_running_stats": track}
+    if family == "noisy":
+        kwargs.update(mean_range=0.0, std_range=(0.0, 0.0))
+    ours, theirs = FAMILIES[family][1](3, **kwargs), nn.BatchNorm2d(3, bias=False, track_running_stats=track)
+    assert ours.bias is None
+    assert ours.weight is not None
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    with torch.no_grad():
+        ours.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+        theirs.weight.copy_(ours.weight)
+    x = make_inputs((4, 3, 3, 3), 1, seed=4)[0]
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    assert_same(y_ours, y_theirs, "output")
+    grad = torch.randn_like(y_ours)
+    y_ours.backward(grad)
+    y_theirs.backward(grad)
+    assert_same(x_ours.grad, x_theirs.grad, "input gradient")
+    assert_same(ours.weight.grad, theirs.weight.grad, "weight gradient")
+    assert "bias=False" in repr(ours)
 
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("momentum", [0.3, None])
-def test_repr_matches_torch(affine: bool, track: bool, momentum: float | None) -> None:
-    kwargs = {"eps": 1e-3, "momentum": momentum, "affine": affine, "track_running_stats": track}
+@pytest.mark.parametrize("bias", [True, False])
+def test_repr_matches_torch(affine: bool, track: bool, momentum: float | None, bias: bool) -> None:
+    kwargs = {"eps": 1e-3, "momentum": momentum, "affine": affine, "track_running_stats": track, "bias": bias}
     for ours_cls, theirs_cls in zip(FAMILIES["batchnorm"], TORCH_BN, strict=True):
-        # Newer torch also prints its keyword-only ``bias`` option, which ours does not have.
-        expected = re.sub(r", bias=(True|False)", "", repr(theirs_cls(5, **kwargs)))
+        # torch always prints its bias option; ours only when it removes a bias that affine would create.
+        shown = ", bias=False" if affine and not bias else ""
+        expected = re.sub(r", bias=(True|False)", shown, repr(theirs_cls(5, **kwargs)))
         assert repr(ours_cls(5, **kwargs)) == expected
 
 

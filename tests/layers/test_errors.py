@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import normzoo as nz
+
 from ._reference import FAMILIES, TORCH_BN
 
 LAYERS = [(family, ndim) for family in FAMILIES for ndim in (1, 2, 3)]
@@ -29,7 +31,9 @@ def test_wrong_number_of_channels(family: str, ndim: int, training: bool) -> Non
     shape = list(GOOD_SHAPE[ndim])
     shape[1] = 5
     name = type(layer).__name__
-    with pytest.raises(ValueError, match=re.escape(f"{name}(3) expected 3 channels")) as info:
+    with pytest.raises(RuntimeError):  # torch's exception type for the same input
+        TORCH_BN[ndim - 1](3).train(training)(torch.randn(shape))
+    with pytest.raises(RuntimeError, match=re.escape(f"{name}(3) expected 3 channels")) as info:
         layer(torch.randn(shape))
     assert str(tuple(shape)) in str(info.value)
     assert "5" in str(info.value)
@@ -87,8 +91,11 @@ def test_one_value_per_channel_without_running_stats_even_in_eval(family: str, n
 def test_non_floating_point_input(family: str, ndim: int, dtype: torch.dtype) -> None:
     layer = _layer(family, ndim)
     x = torch.ones(GOOD_SHAPE[ndim]).to(dtype)
+    if dtype in (torch.int64, torch.int32):  # torch's exception type for the same input
+        with pytest.raises(NotImplementedError):
+            TORCH_BN[ndim - 1](3)(x)
     with pytest.raises(
-        TypeError, match=re.escape(f"{type(layer).__name__} expected a floating-point input")
+        NotImplementedError, match=re.escape(f"{type(layer).__name__} expected a floating-point input")
     ) as info:
         layer(x)
     assert str(dtype) in str(info.value)
@@ -121,36 +128,129 @@ def test_input_on_another_device(family: str, ndim: int) -> None:
 # --- constructor arguments ----------------------------------------------------------------------------
 
 
-BAD_COMMON: list[tuple[str, dict[str, Any]]] = [
-    ("num_features", {"num_features": 0}),
-    ("num_features", {"num_features": -2}),
-    ("num_features", {"num_features": 2.5}),
-    ("num_features", {"num_features": True}),
-    ("num_features", {"num_features": "3"}),
-    ("eps", {"eps": 0.0}),
-    ("eps", {"eps": -1e-5}),
-    ("momentum", {"momentum": -0.1}),
-    ("momentum", {"momentum": 1.5}),
-    ("momentum", {"momentum": float("nan")}),
+@pytest.mark.parametrize(("family", "ndim"), LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize(
+    ("layer_dtype", "input_dtype"),
+    [
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float16),
+        (torch.float64, torch.float16),
+    ],
+    ids=str,
+)
+def test_input_dtype_that_differs_from_the_layers(
+    family: str, ndim: int, layer_dtype: torch.dtype, input_dtype: torch.dtype
+) -> None:
+    """torch raises "mixed dtype" without naming anything; ours names the layer and both dtypes."""
+    layer = _layer(family, ndim).to(layer_dtype)
+    with pytest.raises(RuntimeError, match=re.escape(type(layer).__name__)) as info:
+        layer(torch.randn(GOOD_SHAPE[ndim], dtype=input_dtype))
+    assert str(layer_dtype) in str(info.value)
+    assert str(input_dtype) in str(info.value)
+
+
+@pytest.mark.parametrize(("family", "ndim"), LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize("input_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_input_into_a_float32_layer_is_mixed_precision(
+    family: str, ndim: int, input_dtype: torch.dtype
+) -> None:
+    """What autocast produces (and torch's kernels accept): half-precision input, float32 parameters."""
+    layer = _layer(family, ndim)
+    y = layer(torch.randn(GOOD_SHAPE[ndim]).to(input_dtype))
+    assert y.dtype == input_dtype
+
+
+# --- constructor arguments ----------------------------------------------------------------------------
+
+
+BAD_NUM_FEATURES: list[tuple[type[Exception], Any]] = [
+    (ValueError, -2),
+    (TypeError, 2.5),
+    (TypeError, True),
+    (TypeError, "3"),
+    (TypeError, None),
 ]
+
+
+@pytest.mark.parametrize(("error", "num_features"), BAD_NUM_FEATURES, ids=repr)
+@pytest.mark.parametrize(("family", "ndim"), LAYERS, ids=LAYER_IDS)
+def test_bad_num_features(family: str, ndim: int, error: type[Exception], num_features: Any) -> None:
+    cls = FAMILIES[family][ndim - 1]
+    with pytest.raises(error, match=re.escape(cls.__name__)) as info:
+        cls(num_features)
+    assert "num_features" in str(info.value)
+
+
+@pytest.mark.parametrize(("family", "ndim"), LAYERS, ids=LAYER_IDS)
+def test_zero_features_constructs_like_torch(family: str, ndim: int) -> None:
+    """torch's lazy layers start with num_features=0; construction accepts it as torch's does."""
+    assert FAMILIES[family][ndim - 1](0).weight.shape == (0,)
+
+
+@pytest.mark.parametrize(("family", "ndim"), LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf")], ids=repr)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eps_is_checked_where_torch_checks_it(family: str, ndim: int, eps: float, training: bool) -> None:
+    """Constructing never raises (torch's rule); the forward that would use a bad eps does, naming the
+    layer. torch itself accepts eps=0 in eval, and silently returns NaN for eps=nan."""
+    layer = _layer(family, ndim, eps=eps).train(training)
+    theirs = TORCH_BN[ndim - 1](3, eps=eps).train(training)
+    x = torch.randn(GOOD_SHAPE[ndim])
+    if eps == 0.0 and not training:
+        torch.testing.assert_close(layer(x), theirs(x))
+        return
+    with pytest.raises(ValueError, match=re.escape(type(layer).__name__)) as info:
+        layer(x)
+    assert "eps must be" in str(info.value)
+    assert repr(eps) in str(info.value)
+    if eps in (0.0, -1e-5):
+        with pytest.raises(ValueError, match="eps must be"):  # torch raises the same type
+            theirs(x)
+    if layer.num_batches_tracked is not None:
+        assert int(layer.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize(("family", "ndim"), LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan"), float("inf")], ids=repr)
+def test_momentum_is_checked_at_the_update(family: str, ndim: int, momentum: float) -> None:
+    layer = _layer(family, ndim, momentum=momentum)
+    x = torch.randn(GOOD_SHAPE[ndim])
+    layer.eval()(x)  # eval does not use the momentum
+    with pytest.raises(ValueError, match=re.escape(type(layer).__name__)) as info:
+        layer.train()(x)
+    assert "momentum" in str(info.value)
+    assert torch.equal(layer.running_var, torch.ones(3))
+    assert int(layer.num_batches_tracked) == 0
+
+
 BAD_RENORM: list[tuple[str, dict[str, Any]]] = [
     ("r_max", {"r_max": 0.5}),
     ("d_max", {"d_max": -1.0}),
+    ("r_max", {"r_max": float("nan")}),
+    ("d_max", {"d_max": float("nan")}),
+    ("r_max", {"r_max": float("inf")}),  # with the paper schedule, which ramps towards it
+    ("d_max", {"d_max": float("inf")}),
     ("schedule", {"schedule": "linear"}),
     ("schedule", {"schedule": 3}),
 ]
 BAD_NOISY: list[tuple[str, dict[str, Any]]] = [
     ("mean_range", {"mean_range": -1.0}),
+    ("mean_range", {"mean_range": float("nan")}),
+    ("mean_range", {"mean_range": float("inf")}),
     ("std_range", {"std_range": (1.5, 0.5)}),
     ("std_range", {"std_range": (-0.5, 1.0)}),
+    ("std_range", {"std_range": (float("nan"), 1.0)}),
+    ("std_range", {"std_range": (0.1, float("nan"))}),
+    ("std_range", {"std_range": (0.1, float("inf"))}),
 ]
 
 
 def _bad_cases() -> list[Any]:
     cases = []
-    for family in FAMILIES:
-        extra = {"renorm": BAD_RENORM, "noisy": BAD_NOISY}.get(family, [])
-        for what, kwargs in BAD_COMMON + extra:
+    for family, bad in (("renorm", BAD_RENORM), ("noisy", BAD_NOISY)):
+        for what, kwargs in bad:
             cases.append(
                 pytest.param(family, what, kwargs, id=f"{family}-{what}-{next(iter(kwargs.values()))}")
             )
@@ -159,18 +259,54 @@ def _bad_cases() -> list[Any]:
 
 @pytest.mark.parametrize(("family", "what", "kwargs"), _bad_cases())
 @pytest.mark.parametrize("ndim", [1, 2, 3])
-def test_bad_constructor_arguments(family: str, what: str, kwargs: dict[str, Any], ndim: int) -> None:
+def test_bad_family_arguments(family: str, what: str, kwargs: dict[str, Any], ndim: int) -> None:
+    """The family's own arguments (torch has nothing to say about them) are checked at construction."""
     cls = FAMILIES[family][ndim - 1]
-    kwargs = {"num_features": 3, **kwargs}
     with pytest.raises(ValueError, match=re.escape(cls.__name__)) as info:
-        cls(**kwargs)
+        cls(3, **kwargs)
     assert what in str(info.value)
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_std_range_that_is_not_a_pair(ndim: int) -> None:
+    cls = FAMILIES["noisy"][ndim - 1]
+    for bad in (0.5, (0.1, 0.2, 0.3), "ab"):
+        with pytest.raises((TypeError, ValueError), match=re.escape(cls.__name__)):
+            cls(3, std_range=bad)
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        (0.5, 1.0),
+        (2.0, -1.0),
+        (float("nan"), 1.0),
+        (2.0, float("nan")),
+        2.0,
+        (2.0,),
+        (2.0, 1.0, 0.0),
+        (torch.tensor(0.5), torch.tensor(1.0)),
+        (torch.ones(2), torch.tensor(1.0)),
+    ],
+    ids=repr,
+)
+def test_callable_schedule_returning_bad_bounds(bounds: Any) -> None:
+    """Refused when the schedule returns them (it may be fine for a while), naming the layer and step."""
+    layer = nz.BatchRenorm2d(3, schedule=lambda step: (1.5, 0.5) if int(step) < 2 else bounds)
+    x = torch.randn(GOOD_SHAPE[2])
+    layer(x)
+    layer(x)
+    with pytest.raises((TypeError, ValueError), match=re.escape("BatchRenorm2d")) as info:
+        layer(x)
+    assert "schedule" in str(info.value)
+    assert int(layer.num_batches_tracked) == 2  # nothing counted for the refused step
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
 def test_good_edge_arguments_are_accepted(ndim: int) -> None:
-    FAMILIES["batchnorm"][ndim - 1](1, momentum=0.0)
-    FAMILIES["batchnorm"][ndim - 1](1, momentum=1.0)
-    FAMILIES["renorm"][ndim - 1](2, r_max=1.0, d_max=0.0)
-    FAMILIES["renorm"][ndim - 1](2, r_max=float("inf"), d_max=float("inf"), schedule=None)
-    FAMILIES["noisy"][ndim - 1](2, mean_range=0.0, std_range=(0.0, 0.0))
+    x = torch.randn(GOOD_SHAPE[ndim])
+    FAMILIES["batchnorm"][ndim - 1](3, momentum=0.0)(x)
+    FAMILIES["batchnorm"][ndim - 1](3, momentum=1.0)(x)
+    FAMILIES["renorm"][ndim - 1](3, r_max=1.0, d_max=0.0)(x)
+    FAMILIES["renorm"][ndim - 1](3, r_max=float("inf"), d_max=float("inf"), schedule=None)(x)
+    FAMILIES["noisy"][ndim - 1](3, mean_range=0.0, std_range=(0.0, 0.0))(x)

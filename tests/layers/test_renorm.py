@@ -9,12 +9,17 @@ be torch's BatchNorm bit for bit; in eval it always is.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import pickle
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -26,6 +31,8 @@ from ._reference import (
     FAMILIES,
     KERNEL_TOL,
     LOW_PRECISION,
+    SHAPES,
+    TORCH_BN,
     assert_close,
     assert_same,
     case_id,
@@ -411,6 +418,105 @@ def test_schedule_none_uses_constant_bounds() -> None:
         assert layer.clip_bounds() == (2.5, 0.75)
 
 
+def _scaled_paper_bounds(total: int) -> Callable[[int], tuple[Fraction, Fraction]]:
+    """The paper's bounds with its breakpoints read as fractions of a 100k-step run of ``total`` steps."""
+    warmup, d_steps, r_steps = 5 * total // 100, 25 * total // 100, 40 * total // 100
+
+    def bounds(step: int) -> tuple[Fraction, Fraction]:
+        ramp_r = min(max(Fraction(step - warmup, max(r_steps - warmup, 1)), Fraction(0)), Fraction(1))
+        ramp_d = min(max(Fraction(step - warmup, max(d_steps - warmup, 1)), Fraction(0)), Fraction(1))
+        return 1 + 2 * ramp_r, 5 * ramp_d
+
+    return bounds
+
+
+def test_paper_schedule_object_is_the_paper_schedule_by_default() -> None:
+    for step in BREAKPOINTS:
+        assert nz.PaperSchedule()(step) == NF.paper_renorm_schedule(step)
+    layer, default = nz.BatchRenorm1d(2, schedule=nz.PaperSchedule()), nz.BatchRenorm1d(2)
+    layer.num_batches_tracked.fill_(15_000)
+    default.num_batches_tracked.fill_(15_000)
+    assert layer.clip_bounds() == default.clip_bounds() == NF.paper_renorm_schedule(15_000)
+
+
+@pytest.mark.parametrize("total", [1, 7, 200, 1_000, 12_345, 100_000])
+def test_scaled_paper_schedule_leaves_warmup_early_and_reaches_full_bounds(total: int) -> None:
+    schedule = nz.PaperSchedule(total_steps=total)
+    reference = _scaled_paper_bounds(total)
+    steps = sorted({0, *range(0, total + 1, max(total // 50, 1)), total})
+    for step in steps:
+        r_exact, d_exact = reference(step)
+        r, d = schedule(step)
+        assert r == pytest.approx(float(r_exact), abs=1e-12)
+        assert d == pytest.approx(float(d_exact), abs=1e-12)
+    assert schedule(total) == (3.0, 5.0)  # full bounds well before the end of the run
+    assert schedule(-(-4 * total // 10)) == (3.0, 5.0)  # from 40 % of the run on
+    if total >= 40:
+        assert schedule(total // 10) != (1.0, 0.0)  # out of the warm-up after a tenth of the run
+
+
+def test_scaled_paper_schedule_in_a_layer_against_the_reference() -> None:
+    total = 40
+    layer = randomize_(nz.BatchRenorm2d(3, schedule=nz.PaperSchedule(total))).double()
+    layer.num_batches_tracked.fill_(1)
+    renorm_against_reference(
+        layer, clipping_inputs((2, 3, 2, 3))[:3], _scaled_paper_bounds(total), **REFERENCE_TOL[torch.float64]
+    )
+    assert "schedule=PaperSchedule(total_steps=40)" in repr(layer)
+    layer.num_batches_tracked.fill_(total // 4)  # on a tensor step too (what compiled code sees)
+    r, d = nz.PaperSchedule(total)(layer.num_batches_tracked, 2.0, 1.0)
+    assert (float(r), float(d)) == pytest.approx((1 + 8 / 14, 1.0), rel=1e-6)  # breakpoints 2, 10, 16
+
+
+def test_scaled_paper_schedule_is_a_frozen_picklable_value() -> None:
+    schedule = nz.PaperSchedule(total_steps=np.int64(2_000))
+    assert type(schedule.total_steps) is int
+    assert pickle.loads(pickle.dumps(schedule)) == schedule
+    assert hash(schedule) == hash(nz.PaperSchedule(2_000))
+    assert json.loads(json.dumps(schedule.as_dict())) == {
+        "name": "paper", "total_steps": 2000, "warmup_steps": 100, "d_max_steps": 500, "r_max_steps": 800,
+    }  # fmt: skip
+    assert nz.PaperSchedule().as_dict()["warmup_steps"] == 5_000
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schedule.total_steps = 3  # type: ignore[misc]
+    layer = nz.BatchRenorm2d(3, schedule=schedule)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert clone.schedule == schedule
+    for bad, error in (
+        (0, ValueError),
+        (-5, ValueError),
+        (2.5, TypeError),
+        (True, TypeError),
+        ("10", TypeError),
+    ):
+        with pytest.raises(error, match="PaperSchedule"):
+            nz.PaperSchedule(bad)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_without_running_stats_it_is_torch_batchnorm(ndim: int) -> None:
+    """Nothing to renormalize towards: BatchNorm with batch statistics in training and eval, as torch's."""
+    cls, torch_cls = FAMILIES["renorm"][ndim - 1], TORCH_BN[ndim - 1]
+    shape = SHAPES[ndim][0]
+    ours = randomize_(cls(3, 1e-3, 0.3, True, False, schedule=None, r_max=2.0, d_max=1.0))
+    theirs = torch_cls(3, 1e-3, 0.3, True, False)
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.running_mean is None
+    assert ours.clip_bounds() == (2.0, 1.0)
+    for training in (True, False):
+        for x in make_inputs(shape, 2, seed=5):
+            ours.train(training)
+            theirs.train(training)
+            x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+            y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+            assert_same(y_ours, y_theirs, "output")
+            y_ours.sum().backward()
+            y_theirs.sum().backward()
+            assert_same(x_ours.grad, x_theirs.grad, "input gradient")
+    assert "track_running_stats=False" in repr(ours)
+    assert nz.BatchRenorm2d(3, track_running_stats=False).clip_bounds() == (1.0, 0.0)
+
+
 # --- checkpoints ------------------------------------------------------------------------------------------
 
 
@@ -498,14 +604,37 @@ def test_gradcheck_r1_d0_path_and_double_backward() -> None:
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-def test_double_backward_with_clipping_is_refused_loudly() -> None:
-    """The custom backward is once-differentiable: a second derivative must raise, never be silently 0."""
+@pytest.mark.parametrize(("scale", "shift"), [(8.0, 20.0), (0.01, -20.0)], ids=["r-at-max", "r-at-min"])
+def test_gradgradcheck_with_clipping_active(scale: float, shift: float) -> None:
+    """Double backward with r and d active is BatchNorm's with weight γ·r and bias β + γ·d (issue 10: it used
+    to fail with autograd internals once the schedule left its warm-up)."""
     fn = _renorm_fn(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 2.0, 1.0)
-    x, weight, bias = _gradcheck_inputs(8.0, 20.0)
-    y = fn(x, weight, bias)
-    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()
+    assert torch.autograd.gradgradcheck(fn, _gradcheck_inputs(scale, shift))
+
+
+@pytest.mark.parametrize("step", [0, 5_000, 40_000])
+def test_double_backward_through_the_layer_at_every_stage_of_the_schedule(step: int) -> None:
+    """A gradient penalty (the gradient of a gradient norm) at any step, equal to BatchNorm's with the
+    step's γ·r, β + γ·d, computed by torch's BatchNorm with those parameters."""
+    layer = randomize_(nz.BatchRenorm2d(2)).double()
+    layer.num_batches_tracked.fill_(step)
+    x = make_inputs((3, 2, 2, 2), 1, dtype=torch.float64, scale=6.0, shift=9.0, seed=4)[0].requires_grad_()
+    r_max, d_max = layer.clip_bounds()
+    previous_mean, previous_var = layer.running_mean.clone(), layer.running_var.clone()
+    y = layer(x)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (penalty_grad,) = torch.autograd.grad(grad_x.square().sum(), layer.weight)
+    mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), unbiased=False)
+    r, d = NF.renorm_correction(mean, var, previous_mean, previous_var, float(r_max), float(d_max), layer.eps)
+    gamma = layer.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y2 = F.batch_norm(
+        x2, None, None, gamma * r, layer.bias.detach() + gamma.detach() * d, True, 0.0, layer.eps
+    )
+    (grad_x2,) = torch.autograd.grad(y2.square().sum(), x2, create_graph=True)
+    (expected,) = torch.autograd.grad(grad_x2.square().sum(), gamma)
+    torch.testing.assert_close(grad_x, grad_x2, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(penalty_grad, expected, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("needs", ["x", "w", "b", "x+w", "w+b"])

@@ -154,8 +154,9 @@ def test_replace_bn_timm_norm_act_keeps_act_and_layout() -> None:
 def test_replace_bn_refuses_what_it_cannot_keep() -> None:
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
     with pytest.raises(ValueError, match="track_running_stats=False"):
-        nz.replace_bn(model, "renorm")
+        nz.replace_bn(model, lambda c: nz.BatchRenorm2d(c))  # a factory that always tracks them
     assert nz.replace_bn(model, "batchnorm")[0].running_mean is None
+    assert nz.replace_bn(model, "renorm")[0].running_mean is None
     with pytest.raises(ValueError, match="lacks"):
         nz.replace_bn(nn.Sequential(nn.BatchNorm2d(3)), functools.partial(nz.BatchNorm2d, affine=False))
     with pytest.raises(ValueError, match="unknown norm 'group'"):
