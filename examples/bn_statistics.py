@@ -63,8 +63,9 @@ def run(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         plugins=plugins,
     )
     trainer.fit(module, data)
+    val_acc = float(trainer.callback_metrics["val/acc"])  # the last validation's; test() replaces the metrics
     (test,) = trainer.test(module, data, verbose=False)
-    result = {"val_acc": float(trainer.callback_metrics["val/acc"]), "test_acc": test["test/acc"]}
+    result = {"val_acc": val_acc, "test_acc": test["test/acc"]}
     if variant == "running" and drift.history:
         result["gap"] = drift.history[-1]["output_gap"]
     if variant == "amp":
