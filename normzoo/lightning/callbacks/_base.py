@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from ._args import positive_int
 from ._figures import FigureWriter
+from ._layers import layer_series
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -80,7 +81,12 @@ class DiagnosticCallback(Callback):
 
     @property
     def figure_dir(self) -> Path | None:
+        """The figure folder (``None``: ``<log_dir>/figures``); assignable."""
         return self.figures.folder
+
+    @figure_dir.setter
+    def figure_dir(self, folder: str | os.PathLike[str] | None) -> None:
+        self.figures.folder = Path(folder) if folder is not None else None
 
     # -- identity and state ----------------------------------------------------------------------------
     @property
@@ -95,6 +101,11 @@ class DiagnosticCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+    def series(self, key: str) -> tuple[list[int], dict[str, list[float]]]:
+        """``(steps, {layer: values})`` of the per-layer quantity ``key`` over :attr:`history` (``nan``
+        where a record lacks it; empty for monitors whose records have no layers)."""
+        return layer_series(self.history, key)
 
     # -- rank zero ---------------------------------------------------------------------------------------
     def measures_here(self, trainer: pl.Trainer) -> bool:

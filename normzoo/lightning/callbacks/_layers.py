@@ -21,6 +21,7 @@ from ...layers import is_batch_norm
 __all__ = [
     "LayerSelector",
     "LayerSpec",
+    "any_module",
     "find_blocks",
     "finite_mean",
     "has_weight",
@@ -78,8 +79,13 @@ def _predicate(spec: LayerSpec, owner: str = "select_layers") -> Predicate | Non
     )
 
 
+def any_module(name: str, module: nn.Module) -> bool:
+    """Every module (a predicate that a process can pickle, unlike a lambda: ``ddp_spawn`` sends callbacks)."""
+    return True
+
+
 def select_layers(
-    root: nn.Module, spec: LayerSpec, default: Predicate, allowed: Predicate = lambda name, module: True
+    root: nn.Module, spec: LayerSpec, default: Predicate, allowed: Predicate = any_module
 ) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs of ``root`` (not ``root`` itself) that ``spec`` picks, in registration
     order; ``default`` decides when ``spec`` is ``None``, ``allowed`` always.
@@ -131,7 +137,7 @@ class LayerSelector:
         spec: LayerSpec,
         *,
         default: Predicate,
-        allowed: Predicate = lambda name, module: True,
+        allowed: Predicate = any_module,
         owner: str = "LayerSelector",
     ) -> None:
         _predicate(spec, owner)  # fail now, not in the middle of a fit
@@ -190,11 +196,11 @@ def layer_series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[i
     steps = [int(r["step"]) for r in history]
     layers: dict[str, list[float]] = {}
     for r in history:
-        for layer in r["layers"]:
+        for layer in r.get("layers", {}):
             layers.setdefault(layer, [])
     for layer, values in layers.items():
         for r in history:
-            v = r["layers"].get(layer, {}).get(key)
+            v = r.get("layers", {}).get(layer, {}).get(key)
             values.append(float("nan") if v is None else float(v))
     return steps, layers
 

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from ...diagnostics import activation_kind, activation_stats
 from ._base import DiagnosticCallback
-from ._layers import LayerSelector, LayerSpec, finite_mean, layer_series
+from ._layers import LayerSelector, LayerSpec, finite_mean
 from ._schedule import SamplingSchedule
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class ActivationMonitor(DiagnosticCallback):
 
     Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
     trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) picks ``N`` for
-    about 20 samples a run from ``trainer.estimated_stepping_batches``.
+    about 10 samples a run from ``trainer.estimated_stepping_batches``.
 
     Logged (``<name>`` defaults to ``activations``): ``<name>/std_mean`` (mean over layers),
     ``<name>/dead_mean`` (over ReLU layers) and ``<name>/saturated_mean`` (over sigmoid/tanh layers); with
@@ -71,7 +71,7 @@ class ActivationMonitor(DiagnosticCallback):
         owner = type(self).__name__
         if not (isinstance(saturation, (int, float)) and 0.0 < saturation < 1.0):
             raise ValueError(f"{owner}: expected saturation in (0, 1), got {saturation!r}")
-        self.schedule = SamplingSchedule(every_n_steps, samples=20, fallback=50, owner=owner)
+        self.schedule = SamplingSchedule(every_n_steps, samples=10, fallback=50, owner=owner)
         self.selector = LayerSelector(layers, default=_is_activation, owner=owner)
         self.saturation = float(saturation)
         self.log_per_layer = log_per_layer
@@ -152,7 +152,7 @@ class ActivationMonitor(DiagnosticCallback):
         steps: list[int] = []
         stats: dict[str, dict[str, list[float]]] = {}
         for key in ("p15", "p50", "p85", "std", "dead", "saturated"):
-            steps, series = layer_series(self.history, key)
+            steps, series = self.series(key)
             for layer, values in series.items():
                 stats.setdefault(layer, {})[key] = values
         return activation_figure(steps, stats)

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from ...diagnostics import internal_covariate_shift
 from ._base import DiagnosticCallback
-from ._layers import LayerSelector, LayerSpec, finite_mean, has_weight, has_weight_matrix, layer_series
+from ._layers import LayerSelector, LayerSpec, finite_mean, has_weight, has_weight_matrix
 from ._replay import BatchReplay, LossFn, lr_per_parameter, trainable_parameters
 from ._schedule import SamplingSchedule
 
@@ -40,8 +40,10 @@ class CovariateShiftMonitor(DiagnosticCallback):
     state are left exactly as they were. Under DDP every rank replays its own batch and rank zero logs.
 
     Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
-    trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) picks ``N`` for
-    about 4 samples a run from ``trainer.estimated_stepping_batches`` (500 when the length is unknown).
+    trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) samples only
+    the first and the last step (``N`` is the run's length, from
+    ``trainer.estimated_stepping_batches``; 500 when the length is unknown): one sample costs a few
+    training steps.
 
     Logged (``<name>`` defaults to ``ics``): ``<name>/l2_mean`` and ``<name>/cos_mean`` (over the layers
     after the first); with ``log_per_layer=True`` also ``<name>/l2/<layer>`` and ``<name>/cos/<layer>``.
@@ -73,7 +75,7 @@ class CovariateShiftMonitor(DiagnosticCallback):
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.schedule = SamplingSchedule(every_n_steps, samples=4, fallback=500, owner=owner)
+        self.schedule = SamplingSchedule(every_n_steps, samples=1, fallback=500, owner=owner)
         self.selector = LayerSelector(layers, default=has_weight_matrix, allowed=has_weight, owner=owner)
         self.replay = BatchReplay(loss_fn, owner=owner)
         self.log_per_layer = log_per_layer
@@ -144,6 +146,6 @@ class CovariateShiftMonitor(DiagnosticCallback):
             return None
         from ..plotting import ics_figure
 
-        steps, l2 = layer_series(self.history, "l2")
-        _, cos = layer_series(self.history, "cos")
+        steps, l2 = self.series("l2")
+        _, cos = self.series("cos")
         return ics_figure(steps, l2, cos)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from ...diagnostics import train_eval_drift
-from ._args import finite_number
+from ...layers import is_batch_norm
+from ._args import finite_number, non_negative_int
 from ._base import DiagnosticCallback
-from ._layers import layer_series, short_names
+from ._layers import short_names
 from ._schedule import SamplingSchedule
 
 if TYPE_CHECKING:
@@ -31,6 +33,20 @@ def _move(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _settling_steps(module: nn.Module) -> int:
+    """Steps after which the initial running statistics weigh less than 1 % in every BN layer's average."""
+    steps = [0]
+    for m in module.modules():
+        if not (is_batch_norm(m) and isinstance(getattr(m, "running_mean", None), Tensor)):
+            continue
+        momentum: float | None = getattr(m, "momentum", None)
+        if momentum is None:  # a cumulative average: the initial values weigh 1/n
+            steps.append(100)
+        elif 0.0 < momentum < 1.0:
+            steps.append(math.ceil(math.log(0.01) / math.log1p(-momentum)))
+    return max(steps)
+
+
 class TrainEvalDriftMonitor(DiagnosticCallback):
     """BatchNorm behaves differently in training and in inference; this monitor measures by how much.
 
@@ -42,7 +58,8 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
     :func:`normzoo.diagnostics.train_eval_drift`: only the BatchNorm layers switch mode (dropout stays off),
     and nothing of the model, its running statistics or the random state changes.
 
-    When the output gap exceeds ``gap_threshold`` the monitor warns once, with the usual remedies:
+    When the output gap exceeds ``gap_threshold`` after ``warmup_steps`` the monitor warns once, with the
+    usual remedies:
     recompute precise statistics (:class:`~normzoo.lightning.callbacks.PreciseBN`,
     :func:`normzoo.recompute_bn_stats`), Batch Renormalization (``normzoo.replace_bn(model, "renorm")``),
     or a larger batch.
@@ -50,7 +67,7 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
     The held batch is ``batch`` when given (a tensor, or a tuple of the model's positional arguments), else
     the input of the first training batch of the fit (``batch[0]`` of an ``(input, target, ...)`` batch,
     or a tensor batch itself); it is measured after that step's update. Sampled steps: the first, every
-    ``every_n_steps``-th and the last; ``every_n_steps=None`` (default) picks about 20 samples a run. Under
+    ``every_n_steps``-th and the last; ``every_n_steps=None`` (default) picks about 10 samples a run. Under
     DDP every rank measures its own held batch (a synchronized BatchNorm's collectives need all of them)
     and rank zero records.
 
@@ -63,6 +80,9 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
         every_n_steps: sample every N optimizer steps (default: automatic).
         batch: the held batch (default: the first training batch's input).
         gap_threshold: the output gap above which the monitor warns (default 0.1: outputs off by 10 %).
+        warmup_steps: no warning before this step; ``None`` (default): once the running averages have
+            forgotten their initial values (``(1 − momentum)^steps < 1 %`` for the BN layer with the smallest
+            momentum, 100 steps for a cumulative average), since until then a gap says nothing.
         warn: whether to warn.
         log_per_layer: also log every layer's mean distance.
         **kwargs: ``name``, ``figure_dir``, ``save_figures``, ``figure_every_n_epochs``, ``figure_dpi``.
@@ -82,6 +102,7 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
         every_n_steps: int | None = None,
         batch: Tensor | tuple[Any, ...] | None = None,
         gap_threshold: float = 0.1,
+        warmup_steps: int | None = None,
         warn: bool = True,
         log_per_layer: bool = False,
         **kwargs: Any,
@@ -93,9 +114,13 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
                 f"{owner}: expected batch to be a tensor or a tuple of the model's positional arguments, "
                 f"got {type(batch).__name__}"
             )
-        self.schedule = SamplingSchedule(every_n_steps, samples=20, fallback=50, owner=owner)
+        self.schedule = SamplingSchedule(every_n_steps, samples=10, fallback=50, owner=owner)
         self.batch = batch
         self.gap_threshold = finite_number(owner, "gap_threshold", gap_threshold, low=0.0)
+        self.warmup_steps = (
+            None if warmup_steps is None else non_negative_int(owner, "warmup_steps", warmup_steps)
+        )
+        self._warn_from = 0
         self.warn = warn
         self.log_per_layer = log_per_layer
         self._held: Tensor | tuple[Any, ...] | None = None
@@ -124,6 +149,7 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.schedule.start(trainer)
         self._held = None if self.batch is None else _move(self.batch, pl_module.device)
+        self._warn_from = self.warmup_steps if self.warmup_steps is not None else _settling_steps(pl_module)
 
     def _hold(self, batch: Any) -> Tensor | tuple[Any, ...]:
         if isinstance(batch, Tensor):
@@ -167,7 +193,12 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
         if self.log_per_layer:
             metrics.update({f"distance/{layer}": v["mean"] for layer, v in layers.items()})
         self._log(pl_module, metrics)
-        if self.warn and not self._warned and drift.output_gap > self.gap_threshold:
+        if (
+            self.warn
+            and not self._warned
+            and step >= self._warn_from
+            and drift.output_gap > self.gap_threshold
+        ):
             self._warned = True
             worst = max(layers, key=lambda k: layers[k]["mean"], default=None)
             rank_zero_warn(
@@ -190,7 +221,7 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
             return None
         from ..plotting import drift_figure
 
-        steps, distance = layer_series(self.history, "mean")
+        steps, distance = self.series("mean")
         return drift_figure(
             steps, distance, [float(r["output_gap"]) for r in self.history], gap_threshold=self.gap_threshold
         )

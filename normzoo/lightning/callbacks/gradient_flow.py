@@ -14,7 +14,7 @@ from typing_extensions import override
 from ...diagnostics import abs_stats
 from ._args import finite_number
 from ._base import DiagnosticCallback
-from ._layers import LayerSelector, LayerSpec, has_weight, has_weight_matrix, layer_series, layer_tensor
+from ._layers import LayerSelector, LayerSpec, has_weight, has_weight_matrix, layer_tensor
 from ._schedule import SamplingSchedule
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class GradientFlowMonitor(DiagnosticCallback):
     ``exploding_threshold`` (or is not finite) is listed in the record and warned about once per layer.
 
     Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
-    trainer expects; ``every_n_steps=None`` (default) picks ``N`` for about 20 samples a run from
+    trainer expects; ``every_n_steps=None`` (default) picks ``N`` for about 10 samples a run from
     ``trainer.estimated_stepping_batches`` (a multiple of ``log_every_n_steps`` once it is that large).
 
     Logged (``<name>`` defaults to ``gradient_flow``): ``<name>/mean_abs_first`` and
@@ -73,7 +73,7 @@ class GradientFlowMonitor(DiagnosticCallback):
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.schedule = SamplingSchedule(every_n_steps, samples=20, fallback=50, owner=owner)
+        self.schedule = SamplingSchedule(every_n_steps, samples=10, fallback=50, owner=owner)
         self.selector = LayerSelector(layers, default=has_weight_matrix, allowed=has_weight, owner=owner)
         self.include_bias = include_bias
         self.vanishing_threshold = finite_number(owner, "vanishing_threshold", vanishing_threshold, low=0.0)
@@ -190,7 +190,7 @@ class GradientFlowMonitor(DiagnosticCallback):
         from ..plotting import gradient_flow_figure
 
         last = self.history[-1]["layers"]
-        steps, series = layer_series(self.history, "mean_abs")
+        steps, series = self.series("mean_abs")
         return gradient_flow_figure(
             list(last),
             [v["mean_abs"] for v in last.values()],

@@ -39,7 +39,7 @@ class JacobianSpectrumMonitor(DiagnosticCallback):
     singular values of its layers' input-output Jacobians stay near 1; BatchNorm pushes them there. By
     default the "layers" are the blocks of the model's outermost ``nn.Sequential`` that end at an
     activation (``conv -> norm -> act``: the map from one activation to the next, see
-    :func:`~normzoo.lightning.callbacks._base.find_blocks`), else every layer with a weight matrix; with
+    :func:`~normzoo.lightning.callbacks.find_blocks`), else every layer with a weight matrix; with
     ``layers=`` each selected module is one block.
 
     On a sampled step (rank zero, the first micro-batch under accumulation) forward pre-hooks keep the
@@ -59,8 +59,10 @@ class JacobianSpectrumMonitor(DiagnosticCallback):
     monitor warns.
 
     Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
-    trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) picks ``N`` for
-    about 4 samples a run from ``trainer.estimated_stepping_batches`` (1000 when the length is unknown).
+    trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) samples only
+    the first and the last step (``N`` is the run's length, from
+    ``trainer.estimated_stepping_batches``; 1000 when the length is unknown): one sample costs a few
+    training steps.
 
     Logged (``<name>`` defaults to ``jacobian``): ``<name>/sv_max`` (the largest singular value over
     blocks, averaged over samples) and ``<name>/sv_rms_mean`` (the root-mean-square singular value
@@ -105,7 +107,7 @@ class JacobianSpectrumMonitor(DiagnosticCallback):
         owner = type(self).__name__
         if bn_stats not in ("batch", "running"):
             raise ValueError(f"{owner}: expected bn_stats to be 'batch' or 'running', got {bn_stats!r}")
-        self.schedule = SamplingSchedule(every_n_steps, samples=4, fallback=1000, owner=owner)
+        self.schedule = SamplingSchedule(every_n_steps, samples=1, fallback=1000, owner=owner)
         self.selector = LayerSelector(layers, default=has_weight_matrix, owner=owner)
         self.max_samples = positive_int(owner, "max_samples", max_samples)
         self.max_exact_dim = positive_int(owner, "max_exact_dim", max_exact_dim)

@@ -39,8 +39,10 @@ class LossLandscapeMonitor(DiagnosticCallback):
     are absolute.
 
     Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
-    trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) picks ``N`` for
-    about 4 samples a run from ``trainer.estimated_stepping_batches`` (500 when the length is unknown).
+    trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) samples only
+    the first and the last step (``N`` is the run's length, from
+    ``trainer.estimated_stepping_batches``; 500 when the length is unknown): one sample costs a few
+    training steps.
 
     Logged (``<name>`` defaults to ``landscape``): ``<name>/loss_range``, ``<name>/grad_range``,
     ``<name>/beta``. Records: ``{"step", "epoch", "loss", "grad_norm", "step_sizes", "losses",
@@ -70,7 +72,7 @@ class LossLandscapeMonitor(DiagnosticCallback):
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.schedule = SamplingSchedule(every_n_steps, samples=4, fallback=500, owner=owner)
+        self.schedule = SamplingSchedule(every_n_steps, samples=1, fallback=500, owner=owner)
         self.replay = BatchReplay(loss_fn, owner=owner)
         self.step_sizes = positive_floats(owner, "step_sizes", step_sizes)
         self.relative = relative

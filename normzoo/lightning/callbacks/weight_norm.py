@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from ...diagnostics import update_ratio
 from ._base import DiagnosticCallback
-from ._layers import LayerSelector, LayerSpec, has_weight, has_weight_matrix, layer_series, layer_tensor
+from ._layers import LayerSelector, LayerSpec, has_weight, has_weight_matrix, layer_tensor
 from ._schedule import SamplingSchedule
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class WeightNormMonitor(DiagnosticCallback):
     optimizer's update even with several optimizers; a step that AMP's GradScaler skips is not recorded.
 
     Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
-    trainer expects; ``every_n_steps=None`` (default) picks ``N`` for about 20 samples a run from
+    trainer expects; ``every_n_steps=None`` (default) picks ``N`` for about 10 samples a run from
     ``trainer.estimated_stepping_batches`` (a multiple of ``log_every_n_steps`` once it is that large).
 
     Logged (``<name>`` defaults to ``weight_norm``): ``<name>/total`` (``sqrt(Σ‖w‖²)`` over the layers),
@@ -69,7 +69,7 @@ class WeightNormMonitor(DiagnosticCallback):
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.schedule = SamplingSchedule(every_n_steps, samples=20, fallback=50, owner=owner)
+        self.schedule = SamplingSchedule(every_n_steps, samples=10, fallback=50, owner=owner)
         self.selector = LayerSelector(layers, default=has_weight_matrix, allowed=has_weight, owner=owner)
         self.include_bias = include_bias
         self.log_per_layer = log_per_layer
@@ -144,6 +144,6 @@ class WeightNormMonitor(DiagnosticCallback):
             return None
         from ..plotting import weight_norm_figure
 
-        steps, norms = layer_series(self.history, "norm")
-        _, ratios = layer_series(self.history, "update_ratio")
+        steps, norms = self.series("norm")
+        _, ratios = self.series("update_ratio")
         return weight_norm_figure(steps, norms, ratios)

@@ -31,11 +31,13 @@ class _Copies(Callback):
 
 def test_values_warning_figure_and_no_side_effects(tmp_path) -> None:
     before, after = _Copies(), _Copies()
-    monitor = TrainEvalDriftMonitor(every_n_steps=2, figure_dir=tmp_path / "figs", log_per_layer=True)
+    monitor = TrainEvalDriftMonitor(
+        every_n_steps=2, warmup_steps=3, figure_dir=tmp_path / "figs", log_per_layer=True
+    )
     trainer = make_trainer(tmp_path, [before, monitor, after], max_steps=5)
     data = loader(n=10, batch_size=2)  # batches of two: their statistics are far from the running ones
     with pytest.warns(
-        UserWarning, match=r"TrainEvalDriftMonitor: at step 0 .*PreciseBN.*Batch Renormalization"
+        UserWarning, match=r"TrainEvalDriftMonitor: at step 3 .*PreciseBN.*Batch Renormalization"
     ):
         trainer.fit(TinyModule(mlp(dropout=0.5)), data)
     assert [r["step"] for r in monitor.history] == [0, 1, 3, 4]
@@ -61,6 +63,19 @@ def test_held_batch_given_and_batches_it_cannot_read(tmp_path) -> None:
         TrainEvalDriftMonitor(batch=[held])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gap_threshold to be a finite number > 0"):
         TrainEvalDriftMonitor(gap_threshold=-1.0)
+    with pytest.raises(ValueError, match="warmup_steps to be an int >= 0"):
+        TrainEvalDriftMonitor(warmup_steps=-1)
+
+
+def test_no_warning_while_the_running_averages_settle(tmp_path) -> None:
+    import warnings
+
+    monitor = TrainEvalDriftMonitor(every_n_steps=1, save_figures=False)
+    with warnings.catch_warnings(record=True) as caught:  # momentum 0.1: initial values < 1 % after 44 steps
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [monitor], max_steps=5).fit(TinyModule(mlp()), loader(n=10, batch_size=2))
+    assert not [w for w in caught if "TrainEvalDriftMonitor" in str(w.message)]
+    assert max(r["output_gap"] for r in monitor.history) > monitor.gap_threshold
 
     class DictBatches(TinyModule):
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

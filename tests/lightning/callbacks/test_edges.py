@@ -23,6 +23,7 @@ from normzoo.lightning.callbacks import (
     JacobianSpectrumMonitor,
     LossLandscapeMonitor,
     WeightNormMonitor,
+    all_monitors,
 )
 
 
@@ -187,3 +188,33 @@ def test_epoch_timer_keeps_an_epoch_resumed_from_a_mid_epoch_checkpoint(tmp_path
     assert [r["steps"] for r in timer.history] == [4, 4]
     assert [r["resumed"] for r in timer.history] == [True, False]
     assert all(r["train_s"] > 0 for r in timer.history)
+
+
+def test_every_monitor_shows_something_on_a_short_run_with_its_defaults(tmp_path) -> None:
+    """2 epochs of 16 steps, the trainer's default log_every_n_steps=50: every monitor records."""
+    monitors = all_monitors(save_figures=False)
+    make_trainer(tmp_path, monitors, max_steps=-1, max_epochs=2, log_every_n_steps=50).fit(
+        TinyModule(mlp()), loader(n=256)
+    )
+    steps = {m.name: [r["step"] for r in m.history] for m in monitors}
+    every_third = [0, *range(2, 32, 3), 31]  # about 10 samples: every 3 steps, the first and the last
+    assert steps == {
+        "weight_norm": every_third,
+        "gradient_flow": every_third,
+        "activations": every_third,
+        "jacobian": [0, 31],  # the probes: the first and the last step
+        "ics": [0, 31],
+        "landscape": [0, 31],
+        "time": [16, 32],  # one record per epoch, at its end
+    }
+    assert [m.every_n_steps for m in monitors[:6]] == [None] * 6
+    assert [m.schedule.interval for m in monitors[:6]] == [3, 3, 3, 32, 32, 32]
+
+
+def test_the_automatic_interval_of_a_long_run_is_a_multiple_of_log_every_n_steps(tmp_path) -> None:
+    monitor = GradientFlowMonitor(save_figures=False)
+    make_trainer(tmp_path, [monitor], max_steps=1000, log_every_n_steps=7, limit_train_batches=1).fit(
+        TinyModule(mlp()), loader(n=16)
+    )
+    assert monitor.schedule.interval == 98  # 1000 // 10 = 100, down to a multiple of 7
+    assert [r["step"] for r in monitor.history] == [0, *range(97, 1000, 98), 999]
