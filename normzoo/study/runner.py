@@ -799,8 +799,22 @@ def _attempts(
         futures = {pool.submit(_attempt, plan[i], config): i for i in todo}
         for future in cf.as_completed(futures):
             yield futures[future], future.result()
+    except BaseException:
+        # Ctrl-C (or the caller giving up): the runs in flight are lost either way, and a worker would go on
+        # to the runs already queued for it, so stop the workers now instead of waiting for them
+        _terminate_workers(pool)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _terminate_workers(pool: Any) -> None:
+    if hasattr(pool, "terminate_workers"):  # Python 3.14+
+        pool.terminate_workers()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
 
 
 def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Path) -> StudyResult:
