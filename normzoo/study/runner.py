@@ -535,7 +535,9 @@ def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> di
     steps_per_epoch = math.ceil(len(dm.train_set) / r.batch_size)
     if limit is not None:
         steps_per_epoch = min(steps_per_epoch, limit)
-    validated = validated_epoch_length(steps_per_epoch, config.effective_max_epochs, config.effective_max_steps)
+    validated = validated_epoch_length(
+        steps_per_epoch, config.effective_max_epochs, config.effective_max_steps
+    )
     if validated < steps_per_epoch:
         steps_per_epoch = limit = validated
     diagnostics = _diagnostic_callbacks(steps_per_epoch) if spec.diagnostics else []
