@@ -635,3 +635,14 @@ def _state(pid: str) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split()[2]
     except OSError:
         return "Z"
+
+
+def test_a_step_cap_inside_the_first_epoch_still_validates(tmp_path: Path) -> None:
+    """A run whose step cap ends its first epoch (tiny batches) used to crash EarlyStopping (no val/loss)."""
+    config = _tiny(tmp_path, factors=["baseline"], seeds=[0], variants=["batchnorm"], max_steps=3)
+    result = run_study(config)
+    assert not result.failed
+    (record,) = result.records
+    assert (record["steps"], record["epochs"], record["stop_reason"]) == (3, 1, "max_steps")
+    assert [h["steps"] for h in record["history"]] == [3]
+    assert record["test_acc"] is not None
