@@ -411,15 +411,22 @@ def renorm_schedule(spec: RunSpec, config: StudyConfig, n_train: int) -> Any:
 def _build_model(spec: RunSpec, config: StudyConfig, dm: Any, schedule: Any = None) -> nn.Module:
     import functools
 
-    from normzoo.layers import BatchRenorm1d
+    from normzoo.layers import BatchNorm1d, BatchRenorm1d, NoisyBatchNorm1d
     from normzoo.models import build_cnn, build_mlp
 
     from .grid import VARIANTS
 
     r = spec.recipe
     norm: Any = VARIANTS[spec.variant]
+    options: dict[str, Any] = {}
+    if r.norm_momentum is not None:
+        options["momentum"] = r.norm_momentum
     if norm == "renorm" and schedule is not None:
-        norm = functools.partial(BatchRenorm1d, schedule=schedule)  # the right 1d/2d/3d class is chosen
+        options["schedule"] = schedule
+    if norm is not None and options:
+        # a partial of the 1d class: get_norm_layer picks the family's 1d/2d/3d class for the model
+        families = {"batchnorm": BatchNorm1d, "renorm": BatchRenorm1d, "noisy": NoisyBatchNorm1d}
+        norm = functools.partial(families[norm], **options)
     common: dict[str, Any] = {
         "norm": norm,
         "activation": r.activation,
