@@ -12,6 +12,7 @@ file or dataset), 130 when interrupted (the finished runs are kept: run the same
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -185,30 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CONFIG_KEYS = (
-    "preset",
-    "out",
-    "factors",
-    "models",
-    "variants",
-    "dataset",
-    "data_root",
-    "download",
-    "seeds",
-    "max_epochs",
-    "max_steps",
-    "early_stop_patience",
-    "batch_sizes",
-    "accelerator",
-    "devices",
-    "threads",
-    "workers",
-    "limit_train_batches",
-    "draw_margin",
-    "force",
-    "progress",
-    "figures",
-)
+#: the options that are settings of :class:`StudyConfig` (every field: the dataclass declares them once)
+_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(StudyConfig))
 
 
 def study_config_from_args(args: argparse.Namespace) -> StudyConfig:

@@ -40,11 +40,20 @@ from .grid import StudyConfig
 
 __all__ = ["config_from_mapping", "load_config_file", "merge_config", "read_config_file"]
 
-_LIST_FIELDS = {"factors": str, "models": str, "variants": str, "seeds": int, "batch_sizes": int}
-_INT_FIELDS = {"max_epochs", "max_steps", "early_stop_patience", "threads", "limit_train_batches", "workers"}
-_BOOL_FIELDS = {"download", "progress", "force", "figures"}
-_FLOAT_FIELDS = {"draw_margin"}
-_STR_FIELDS = {"preset", "out", "dataset", "data_root", "accelerator"}
+
+def _fields_of(annotation: str) -> set[str]:
+    """The settings of :class:`StudyConfig` whose annotation (without ``| None``) is ``annotation``: every
+    setting is declared once, on the dataclass, and its type there decides how a file's value is read."""
+    return {
+        f.name for f in dataclasses.fields(StudyConfig) if str(f.type).replace(" | None", "") == annotation
+    }
+
+
+_LIST_FIELDS = {**dict.fromkeys(_fields_of("list[str]"), str), **dict.fromkeys(_fields_of("list[int]"), int)}
+_INT_FIELDS = _fields_of("int")
+_BOOL_FIELDS = _fields_of("bool")
+_FLOAT_FIELDS = _fields_of("float")
+_STR_FIELDS = _fields_of("str")
 
 
 def _toml_module() -> ModuleType | None:

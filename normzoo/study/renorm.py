@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from normzoo import functional as NF
-from normzoo.layers.renorm import _BatchRenorm
+from normzoo.layers import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+
+_RENORM = (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)
 
 __all__ = ["RenormActivity", "summarize_activity"]
 
@@ -64,7 +66,7 @@ class RenormActivity(L.Callback):
             pl_module, "model", pl_module
         )  # names as the network has them: norm1, not model.norm1
         for name, module in model.named_modules():
-            if isinstance(module, _BatchRenorm):
+            if isinstance(module, _RENORM):
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -85,7 +87,7 @@ class RenormActivity(L.Callback):
         self._pending = None
 
     def _hook(self, name: str) -> Any:
-        def hook(module: _BatchRenorm, args: tuple[Any, ...]) -> None:
+        def hook(module: BatchRenorm1d, args: tuple[Any, ...]) -> None:
             if self._pending is None or not module.training or module.running_mean is None:
                 return
             assert module.running_var is not None

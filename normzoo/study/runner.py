@@ -381,6 +381,26 @@ def planned_steps(spec: RunSpec, config: StudyConfig, n_train: int) -> int:
     return min(steps, max_steps) if max_steps is not None else steps
 
 
+def validated_epoch_length(steps_per_epoch: int, max_epochs: int, max_steps: int | None) -> int:
+    """The training steps between two validations, so that the step cap falls on a validation.
+
+    A run that the step cap ends inside an epoch would lose that epoch's training (no validation, so its
+    weights are never the best ones), and one that the cap ends inside its *first* epoch would never be
+    validated at all. Such a run is trained in equal "epochs" of at most ``steps_per_epoch`` steps that add
+    up to ``max_steps`` (each a fresh shuffle of the data, cut short); other runs keep their epochs.
+
+    Example:
+        >>> validated_epoch_length(1800, 15, 1500), validated_epoch_length(900, 15, 1500)  # batch 2 and 4
+        (1500, 750)
+        >>> validated_epoch_length(450, 15, 1500), validated_epoch_length(57, 15, 1500)    # batch 8 and 64
+        (375, 57)
+    """
+    if max_steps is None or steps_per_epoch * max_epochs <= max_steps or max_steps % steps_per_epoch == 0:
+        return steps_per_epoch
+    chunks = math.ceil(max_steps / steps_per_epoch)
+    return math.ceil(max_steps / chunks)
+
+
 def renorm_schedule(spec: RunSpec, config: StudyConfig, n_train: int) -> Any:
     """The Batch Renormalization schedule of ``spec``: the paper's, scaled to the run's planned steps."""
     from normzoo import PaperSchedule
@@ -391,15 +411,22 @@ def renorm_schedule(spec: RunSpec, config: StudyConfig, n_train: int) -> Any:
 def _build_model(spec: RunSpec, config: StudyConfig, dm: Any, schedule: Any = None) -> nn.Module:
     import functools
 
-    from normzoo.layers import BatchRenorm1d
+    from normzoo.layers import BatchNorm1d, BatchRenorm1d, NoisyBatchNorm1d
     from normzoo.models import build_cnn, build_mlp
 
     from .grid import VARIANTS
 
     r = spec.recipe
     norm: Any = VARIANTS[spec.variant]
+    options: dict[str, Any] = {}
+    if r.norm_momentum is not None:
+        options["momentum"] = r.norm_momentum
     if norm == "renorm" and schedule is not None:
-        norm = functools.partial(BatchRenorm1d, schedule=schedule)  # the right 1d/2d/3d class is chosen
+        options["schedule"] = schedule
+    if norm is not None and options:
+        # a partial of the 1d class: get_norm_layer picks the family's 1d/2d/3d class for the model
+        families = {"batchnorm": BatchNorm1d, "renorm": BatchRenorm1d, "noisy": NoisyBatchNorm1d}
+        norm = functools.partial(families[norm], **options)
     common: dict[str, Any] = {
         "norm": norm,
         "activation": r.activation,
@@ -515,6 +542,11 @@ def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> di
     steps_per_epoch = math.ceil(len(dm.train_set) / r.batch_size)
     if limit is not None:
         steps_per_epoch = min(steps_per_epoch, limit)
+    validated = validated_epoch_length(
+        steps_per_epoch, config.effective_max_epochs, config.effective_max_steps
+    )
+    if validated < steps_per_epoch:
+        steps_per_epoch = limit = validated
     diagnostics = _diagnostic_callbacks(steps_per_epoch) if spec.diagnostics else []
     activity = None
     if schedule is not None:
@@ -799,8 +831,22 @@ def _attempts(
         futures = {pool.submit(_attempt, plan[i], config): i for i in todo}
         for future in cf.as_completed(futures):
             yield futures[future], future.result()
+    except BaseException:
+        # Ctrl-C (or the caller giving up): the runs in flight are lost either way, and a worker would go on
+        # to the runs already queued for it, so stop the workers now instead of waiting for them
+        _terminate_workers(pool)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _terminate_workers(pool: Any) -> None:
+    if hasattr(pool, "terminate_workers"):  # Python 3.14+
+        pool.terminate_workers()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
 
 
 def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Path) -> StudyResult:

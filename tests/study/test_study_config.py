@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,10 +33,10 @@ def test_baseline_is_the_seed_recipe() -> None:
 
 
 def test_every_level_varies_one_factor_from_the_baseline() -> None:
-    base = BASELINE.as_dict()
+    base = dataclasses.asdict(BASELINE)
     for factor in FACTORS.values():
         for level in factor.levels:
-            recipe = BASELINE.replace(**level.params).as_dict()
+            recipe = dataclasses.asdict(BASELINE.replace(**level.params))
             changed = {k for k in base if base[k] != recipe[k]}
             assert changed <= set(level.params) <= set(base)
             assert changed or factor.name == "baseline"  # init_std=1.0 is the N(0, 1) of init="normal"
@@ -43,6 +44,10 @@ def test_every_level_varies_one_factor_from_the_baseline() -> None:
         2, 4, 8, 16, 32, 128, 256, 512, 1024,
     ]  # fmt: skip
     assert FACTORS["non_iid"].levels[0].params == {"classes_per_batch": 2}
+    # below batch 64 the running statistics' momentum shrinks with the batch (about 640 samples averaged)
+    assert [lv.params.get("norm_momentum") for lv in FACTORS["batch_size"].levels] == [
+        0.1 * 2 / 64, 0.1 * 4 / 64, 0.1 * 8 / 64, 0.1 * 16 / 64, 0.1 * 32 / 64, None, None, None, None,
+    ]  # fmt: skip
     assert FACTORS["activation"].levels[0].params == {"activation": "sigmoid", "init": "xavier"}
     assert FACTORS["init"].levels[0].params == {"init": "normal", "init_std": 1.0}
 

@@ -593,3 +593,56 @@ def os_can_write(path: Path) -> bool:
     import os
 
     return os.access(path, os.W_OK)
+
+
+def test_ctrl_c_stops_the_worker_processes(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group: the study exits 130 without waiting for its workers' runs
+    (queued ones included), keeps the finished runs, and leaves no worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "parallel"
+    argv = [sys.executable, "-m", "normzoo.study", "--preset", "tiny", "--out", str(out), "--workers", "2"]
+    argv += ["--no-progress", "--no-figures", "--max-epochs", "50"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "runs").glob("*.json")):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no run finished in time"
+            time.sleep(0.5)
+        workers = subprocess.run(
+            ["pgrep", "-g", str(proc.pid), "-f", "multiprocessing.spawn"], capture_output=True, text=True
+        ).stdout.split()
+        assert workers
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert proc.stderr is not None
+        assert "run the same command again to resume" in proc.stderr.read()
+        time.sleep(1)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid)]
+        assert not alive, f"workers still running: {alive}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return "Z"
+
+
+def test_a_step_cap_inside_the_first_epoch_still_validates(tmp_path: Path) -> None:
+    """A run whose step cap ends its first epoch (tiny batches) used to crash EarlyStopping (no val/loss)."""
+    config = _tiny(tmp_path, factors=["baseline"], seeds=[0], variants=["batchnorm"], max_steps=3)
+    result = run_study(config)
+    assert not result.failed
+    (record,) = result.records
+    assert (record["steps"], record["epochs"], record["stop_reason"]) == (3, 1, "max_steps")
+    assert [h["steps"] for h in record["history"]] == [3]
+    assert record["test_acc"] is not None

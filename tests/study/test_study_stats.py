@@ -226,7 +226,9 @@ def test_every_claim_is_one_registry_entry() -> None:
     for f in found:
         claim = stats.CLAIMS[f.key]
         assert f.claim == f"{claim.text} ({claim.source})"
-        assert f.source and claim.factors and claim.needs
+        assert f.source
+        assert claim.factors
+        assert claim.needs
     assert "--factors non_iid" in _by_key(found)["non_iid"].evidence[0]
     assert {c.key for c in stats.claims_for("activation")} >= {"sigmoid", "activations", "gradient_flow"}
 
