@@ -25,17 +25,20 @@ __all__ = ["SamplingSchedule", "auto_interval"]
 def auto_interval(total_steps: float, samples: int, log_every_n_steps: int, fallback: int) -> int:
     """An interval that gives about ``samples`` samples over ``total_steps`` optimizer steps, rounded
     down to a multiple of ``log_every_n_steps`` when it is at least that (so the samples reach the
-    loggers); ``fallback`` when the run length is unknown (infinite).
+    loggers), except for a single sample (then the interval is the run: the first and the last step
+    alone); ``fallback`` when the run length is unknown (infinite).
 
     Example:
         >>> auto_interval(1008, 20, 50, 50), auto_interval(32, 20, 50, 50), auto_interval(float("inf"), 5, 50, 500)
         (50, 1, 500)
+        >>> auto_interval(1008, 1, 50, 500)
+        1008
     """
     if not math.isfinite(total_steps) or total_steps < 1:
         return fallback
     raw = max(1, int(total_steps) // samples)
-    if log_every_n_steps > 0 and raw >= log_every_n_steps:
-        raw -= raw % log_every_n_steps
+    if samples > 1 and log_every_n_steps > 0 and raw >= log_every_n_steps:
+        raw -= raw % log_every_n_steps  # (one sample: the first and last step alone, no sample in between)
     return raw
 
 

@@ -75,7 +75,8 @@ class JacobianSpectrumMonitor(DiagnosticCallback):
     Args:
         every_n_steps: sample every N optimizer steps (default: automatic, see above).
         layers: the blocks (default: see above).
-        max_samples: samples of the batch per block (default 4).
+        max_samples: samples of the batch per block (default 1: one input's spectrum, the cost of a sample grows
+            with it).
         max_exact_dim: largest ``d_in``/``d_out`` for the exact method (default 256).
         rank: how many (of the largest) singular values the estimate gives (default 16); the histograms of
             estimated blocks show only those, while ``rms`` covers every singular value.
@@ -94,7 +95,7 @@ class JacobianSpectrumMonitor(DiagnosticCallback):
         *,
         every_n_steps: int | None = None,
         layers: LayerSpec = None,
-        max_samples: int = 4,
+        max_samples: int = 1,
         max_exact_dim: int = 256,
         rank: int = 16,
         power_iters: int = 1,

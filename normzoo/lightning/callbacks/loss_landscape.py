@@ -34,8 +34,8 @@ class LossLandscapeMonitor(DiagnosticCallback):
     optimizer and the random state are left exactly as they were. ``g`` covers every trainable parameter.
 
     Step sizes: with ``relative=True`` (default) ``step_sizes`` are multiples of the first param group's
-    current learning rate, ``(0.25, 0.5, 1, 2, 4)`` by default, so the probe looks from a quarter of the
-    optimizer's actual step to four times it, whatever the learning rate; with ``relative=False`` they
+    current learning rate, ``(0.5, 1, 2)`` by default, so the probe looks from half the optimizer's actual
+    step to twice it, whatever the learning rate; with ``relative=False`` they
     are absolute.
 
     Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
@@ -65,7 +65,7 @@ class LossLandscapeMonitor(DiagnosticCallback):
         self,
         *,
         every_n_steps: int | None = None,
-        step_sizes: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
+        step_sizes: Sequence[float] = (0.5, 1.0, 2.0),
         relative: bool = True,
         loss_fn: LossFn | None = None,
         **kwargs: Any,
