@@ -478,7 +478,9 @@ class StudyConfig:
 
 
 def _batch_size_levels(sizes: Sequence[int]) -> list[Level]:
-    return [Level("batch_size", f"bs={b}", _batch_size_params(int(b))) for b in sizes if b != BASELINE.batch_size]
+    return [
+        Level("batch_size", f"bs={b}", _batch_size_params(int(b))) for b in sizes if b != BASELINE.batch_size
+    ]
 
 
 def build_plan(config: StudyConfig) -> list[RunSpec]:

@@ -285,6 +285,9 @@ def test_why_bn_measures_decide_their_claims() -> None:
     runs[1]["diagnostics"] = _diag(0.5, 100.0, 6.0, 8.0)  # now BN is rougher, grows more, farther from 1
     found = _by_key(stats.findings(runs))
     assert [found[k].verdict for k in ("landscape", "weight_norm", "jacobian")] == ["not reproduced"] * 3
+    runs[1]["diagnostics"] = _diag(0.5, 38.0, 3.0, 4.0)  # within 10 % of vanilla's (one seed): not shown
+    found = _by_key(stats.findings(runs))
+    assert [found[k].verdict for k in ("landscape", "weight_norm", "jacobian")] == ["not shown"] * 3
 
 
 def test_renorm_acted_reads_the_activity_after_warmup() -> None:
