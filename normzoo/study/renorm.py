@@ -90,6 +90,10 @@ class RenormActivity(L.Callback):
         def hook(module: BatchRenorm1d, args: tuple[Any, ...]) -> None:
             if self._pending is None or not module.training or module.running_mean is None:
                 return
+            if name in self._pending:
+                # The step's own forward came first; later ones are probes replaying the batch (the
+                # covariate-shift and landscape monitors) with this step's update already applied.
+                return
             assert module.running_var is not None
             mean, var = _batch_moments(args[0])
             r_max, d_max = (float(b) for b in module.clip_bounds())
