@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -56,8 +58,22 @@ def _accepted(factory: Callable[..., nn.Module]) -> set[str] | None:
     return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _act_factory(factory: Callable[..., nn.Module], ndim: int) -> Callable[..., nn.Module] | None:
-    """The norm+activation variant of ``factory`` (timm's layout), if there is one."""
+def _is_timm_norm_act(module: nn.Module) -> bool:
+    """Whether ``module`` is one of timm's norm+act layers (timm is imported once such a layer exists)."""
+    timm_layers = sys.modules.get("timm.layers")
+    timm_class = getattr(timm_layers, "BatchNormAct2d", None)
+    return isinstance(timm_class, type) and isinstance(module, timm_class)
+
+
+def _act_factory(
+    factory: Callable[..., nn.Module], ndim: int, timm_layout: bool
+) -> Callable[..., nn.Module] | None:
+    """The norm+activation variant of ``factory`` (timm's layout), if there is one.
+
+    With ``timm_layout`` (the layer replaced is timm's ``BatchNormAct2d``) the variant is also a timm
+    ``BatchNormAct2d``, from :mod:`normzoo.integrations.timm`, so that timm's own tools (``freeze``,
+    ``freeze_batch_norm_2d``) keep treating the layer as norm+act and do not drop its activation.
+    """
     base = factory.func if isinstance(factory, functools.partial) else factory
     family = norm_family(base) if isinstance(base, type) else None
     if family is None or ndim != 2:
@@ -68,6 +84,14 @@ def _act_factory(factory: Callable[..., nn.Module], ndim: int) -> Callable[..., 
         except ImportError:
             return None
         cls: type[nn.Module] = TimmBatchNormAct2d
+    elif timm_layout:
+        # Imported by name: the integration imports surgery, so a module-level import would be a cycle.
+        integration = importlib.import_module("normzoo.integrations.timm")
+        cls = {
+            "batchnorm": integration.BatchNormAct2d,
+            "renorm": integration.BatchRenormAct2d,
+            "noisy": integration.NoisyBatchNormAct2d,
+        }[family]
     else:
         cls = _ACT_CLASSES[family]
     if isinstance(factory, functools.partial):
@@ -80,7 +104,7 @@ def _convert(old: Any, norm: NormSpec, name: str) -> nn.Module:
     factory = get_norm_layer(norm, ndim)
     drop, act = bn_act_parts(old)
     with_act = act is not None or drop is not None
-    act_factory = _act_factory(factory, ndim) if with_act else None
+    act_factory = _act_factory(factory, ndim, _is_timm_norm_act(old)) if with_act else None
     accepted = _accepted(factory)  # the act variants take the arguments of their norm class
     reference = old.weight if isinstance(getattr(old, "weight", None), Tensor) else old.running_mean
     fixed = set(factory.keywords) if isinstance(factory, functools.partial) else set()  # the user's choice

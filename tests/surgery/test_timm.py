@@ -138,6 +138,24 @@ def test_replace_keeps_mobilenet_outputs() -> None:
     assert outputs_equal(model, renorm, x(), train=True, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["batchnorm", "renorm", "noisy"])
+def test_replaced_norm_act_layers_stay_timm_norm_act_for_timm_freeze(norm: str) -> None:
+    # timm's freeze_batch_norm_2d keeps drop and act only of timm BatchNormAct2d instances: a replacement
+    # that is not one would silently lose its activation there.
+    from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
+    from timm.utils.model import freeze_batch_norm_2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10).eval()
+    replaced = nz.replace_bn(model, norm)
+    layers = [m for m in replaced.modules() if nz.is_batch_norm(m)]
+    assert layers
+    family = {"batchnorm": nz.BatchNorm2d, "renorm": nz.BatchRenorm2d, "noisy": nz.NoisyBatchNorm2d}[norm]
+    assert all(isinstance(m, TimmBatchNormAct2d) and isinstance(m, family) for m in layers)
+    frozen = freeze_batch_norm_2d(replaced)
+    assert outputs_equal(model, frozen, x(), train=False, atol=1e-5)
+
+
 @pytest.mark.parametrize("key", ["mobilenetv3_small_050", "convnext_atto", "vit_tiny"])
 def test_recompute_after_insert_matches_hand_computation(key: str) -> None:
     _, inserted = built(key)
