@@ -40,11 +40,33 @@ __all__ = [
     "landscape_bands",
     "landscape_figure",
     "layer_curves",
+    "layer_series",
     "new_figure",
     "save_png",
     "sv_histogram_panel",
     "weight_norm_figure",
 ]
+
+
+def layer_series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], dict[str, list[float]]]:
+    """``(steps, {layer: values})`` of the per-layer quantity ``key`` over a monitor's history records
+    (``{"step", "layers": {layer: {key: value}}}``), ``nan`` where a record lacks it.
+
+    Example:
+        >>> layer_series([{"step": 0, "layers": {"a": {"x": 1.0}}}, {"step": 5, "layers": {}}], "x")
+        ([0, 5], {'a': [1.0, nan]})
+    """
+    steps = [int(r["step"]) for r in history]
+    layers: dict[str, list[float]] = {}
+    for r in history:
+        for layer in r.get("layers", {}):
+            layers.setdefault(layer, [])
+    for layer, values in layers.items():
+        for r in history:
+            v = r.get("layers", {}).get(layer, {}).get(key)
+            values.append(math.nan if v is None else float(v))
+    return steps, layers
+
 
 Series = Mapping[str, Sequence[float]]
 _UPDATE_RATIO_TARGET = 1e-3  # cs231n: updates of about 1e-3 of the weights are healthy

@@ -183,19 +183,6 @@ def _curves_figure(
     _save(fig, path)
 
 
-def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], dict[str, list[float]]]:
-    steps = [int(r["step"]) for r in history]
-    layers: dict[str, list[float]] = {}
-    for r in history:
-        for layer in r.get("layers", {}):
-            layers.setdefault(layer, [])
-    for layer, values in layers.items():
-        for r in history:
-            v = r.get("layers", {}).get(layer, {}).get(key)
-            values.append(math.nan if v is None else float(v))
-    return steps, layers
-
-
 def _first_epoch_flow(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[float], list[float]]:
     """Per layer, the mean over the first epoch's samples of mean |grad| and max |grad|."""
     if not history:
@@ -215,7 +202,7 @@ _mean = stats.finite_mean
 def _diagnostics_figure(runs: Sequence[Record], path: Path, title: str) -> None:
     """A row per variant: gradient flow in the first epoch (bars), mean |grad| per layer over training, and
     the weight norm per layer over training."""
-    from normzoo.lightning.plotting import gradient_flow_chart, layer_curves
+    from normzoo.lightning.plotting import gradient_flow_chart, layer_curves, layer_series
 
     fig, axes = _new_figure(len(runs), 3, (3.8, 2.7))
     for row, run in enumerate(runs):
@@ -229,7 +216,7 @@ def _diagnostics_figure(runs: Sequence[Record], path: Path, title: str) -> None:
                 layers, mean_abs, max_abs, ax=axes[row][0], title=f"{variant}: gradient flow, epoch 1"
             )
         if flow:
-            steps, series = _series(flow, "mean_abs")
+            steps, series = layer_series(flow, "mean_abs")
             layer_curves(
                 steps,
                 series,
@@ -239,7 +226,7 @@ def _diagnostics_figure(runs: Sequence[Record], path: Path, title: str) -> None:
                 log=True,
             )
         if norms:
-            steps, series = _series(norms, "norm")
+            steps, series = layer_series(norms, "norm")
             layer_curves(
                 steps, series, ax=axes[row][2], ylabel="‖w‖", title=f"{variant}: weight norm", legend=row == 0
             )

@@ -27,9 +27,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from ..plotting import layer_series
 from ._args import positive_int
 from ._figures import FigureWriter
-from ._layers import layer_series
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,6 @@ __all__ = [
     "has_weight",
     "has_weight_matrix",
     "is_bn_without_stats",
-    "layer_series",
     "layer_tensor",
     "select_layers",
     "short_names",
@@ -183,26 +182,6 @@ def layer_tensor(module: nn.Module, include_bias: bool, grad: bool = False) -> T
         return None
     b = (bias.grad if grad else bias.detach()) if include_bias and isinstance(bias, Tensor) else None
     return torch.cat([w.flatten(), b.flatten()]) if b is not None else w
-
-
-def layer_series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], dict[str, list[float]]]:
-    """``(steps, {layer: values})`` of the per-layer quantity ``key`` over a monitor's history records
-    (``{"step", "layers": {layer: {key: value}}}``), ``nan`` where a record lacks it.
-
-    Example:
-        >>> layer_series([{"step": 0, "layers": {"a": {"x": 1.0}}}, {"step": 5, "layers": {}}], "x")
-        ([0, 5], {'a': [1.0, nan]})
-    """
-    steps = [int(r["step"]) for r in history]
-    layers: dict[str, list[float]] = {}
-    for r in history:
-        for layer in r.get("layers", {}):
-            layers.setdefault(layer, [])
-    for layer, values in layers.items():
-        for r in history:
-            v = r.get("layers", {}).get(layer, {}).get(key)
-            values.append(float("nan") if v is None else float(v))
-    return steps, layers
 
 
 def _contains_activation(module: nn.Module) -> bool:
