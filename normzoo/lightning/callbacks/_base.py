@@ -24,12 +24,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from ..plotting import layer_series
 from ._args import positive_int
 from ._figures import FigureWriter
+from ._layers import LayerSelector
+from ._schedule import SamplingSchedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -56,6 +59,15 @@ class DiagnosticCallback(Callback):
     default_name: ClassVar[str] = "diagnostic"
     #: Whether the measurement runs on every rank (records and logs stay rank zero's).
     measures_on_every_rank: ClassVar[bool] = False
+    #: The steps a monitor samples; ``None`` for a callback that records on its own clock (EpochTimer).
+    schedule: SamplingSchedule | None = None
+    #: The layers a monitor measures, resolved into ``selected`` at ``setup``; ``None`` for whole-model
+    #: measures.
+    selector: LayerSelector | None = None
+    #: What the selector picks, for messages ("layer", "module", "block").
+    layer_noun: ClassVar[str] = "layer"
+    #: The ``(name, module)`` pairs the selector resolved at ``setup``.
+    selected: list[tuple[str, nn.Module]]
 
     def __init__(
         self,
@@ -106,6 +118,25 @@ class DiagnosticCallback(Callback):
         """``(steps, {layer: values})`` of the per-layer quantity ``key`` over :attr:`history` (``nan``
         where a record lacks it; empty for monitors whose records have no layers)."""
         return layer_series(self.history, key)
+
+    # -- sampling and layers ----------------------------------------------------------------------------
+    @property
+    def every_n_steps(self) -> int | None:
+        """The sampling interval: the one given, or the one chosen from the run's length once it starts."""
+        return None if self.schedule is None else self.schedule.every_n_steps
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.schedule is None:
+            return
+        self.schedule.check_logging(trainer)
+        if self.selector is not None:
+            self.selected = self.selector.resolve(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule is not None:
+            self.schedule.start(trainer)
 
     # -- rank zero ---------------------------------------------------------------------------------------
     def measures_here(self, trainer: pl.Trainer) -> bool:
@@ -161,6 +192,8 @@ class DiagnosticCallback(Callback):
 
     def _why_nothing(self) -> str:
         """Why a fit may have left no record (appended to the end-of-fit warning)."""
+        if self.selector is not None and not self.selected:
+            return f": no {self.layer_noun} matches layers={self.selector.spec!r}"
         return ""
 
     # -- figures -----------------------------------------------------------------------------------------

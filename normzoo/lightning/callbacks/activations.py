@@ -57,6 +57,9 @@ class ActivationMonitor(DiagnosticCallback):
     """
 
     default_name = "activations"
+    layer_noun = "module"
+    schedule: SamplingSchedule
+    selector: LayerSelector
 
     def __init__(
         self,
@@ -78,20 +81,6 @@ class ActivationMonitor(DiagnosticCallback):
         self.selected: list[tuple[str, nn.Module]] = []
         self._current: dict[str, dict[str, Any]] = {}
         self._step = -1
-
-    @property
-    def every_n_steps(self) -> int | None:
-        return self.schedule.every_n_steps
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.schedule.check_logging(trainer)
-            self.selected = self.selector.resolve(pl_module)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.schedule.start(trainer)
 
     def _hook(self, name: str, kind: str | None) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -139,9 +128,7 @@ class ActivationMonitor(DiagnosticCallback):
         self.selected, self._current = [], {}
 
     def _why_nothing(self) -> str:
-        if not self.selected:
-            return f": no module matches layers={self.selector.spec!r}"
-        return ": no monitored module returned a tensor on a sampled step"
+        return super()._why_nothing() or ": no monitored module returned a tensor on a sampled step"
 
     @override
     def make_figure(self) -> Figure | None:

@@ -62,6 +62,8 @@ class CovariateShiftMonitor(DiagnosticCallback):
     """
 
     default_name = "ics"
+    schedule: SamplingSchedule
+    selector: LayerSelector
     measures_on_every_rank = True
 
     def __init__(
@@ -80,20 +82,6 @@ class CovariateShiftMonitor(DiagnosticCallback):
         self.replay = BatchReplay(loss_fn, owner=owner)
         self.log_per_layer = log_per_layer
         self.selected: list[tuple[str, nn.Module]] = []
-
-    @property
-    def every_n_steps(self) -> int | None:
-        return self.schedule.every_n_steps
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.schedule.check_logging(trainer)
-            self.selected = self.selector.resolve(pl_module)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.schedule.start(trainer)
 
     @override
     def on_train_batch_start(
@@ -134,11 +122,6 @@ class CovariateShiftMonitor(DiagnosticCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self.selected = []
-
-    def _why_nothing(self) -> str:
-        if not self.selected:
-            return f": no layer matches layers={self.selector.spec!r}"
-        return ""
 
     @override
     def make_figure(self) -> Figure | None:

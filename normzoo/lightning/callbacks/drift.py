@@ -94,6 +94,7 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
     """
 
     default_name = "drift"
+    schedule: SamplingSchedule
     measures_on_every_rank = True
 
     def __init__(
@@ -127,10 +128,6 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
         self._step: int | None = None
         self._warned = False
 
-    @property
-    def every_n_steps(self) -> int | None:
-        return self.schedule.every_n_steps
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "warned": self._warned}
@@ -141,13 +138,8 @@ class TrainEvalDriftMonitor(DiagnosticCallback):
         self._warned = bool(state_dict.get("warned", False))
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.schedule.check_logging(trainer)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.schedule.start(trainer)
+        super().on_train_start(trainer, pl_module)  # starts the schedule
         self._held = None if self.batch is None else _move(self.batch, pl_module.device)
         self._warn_from = self.warmup_steps if self.warmup_steps is not None else _settling_steps(pl_module)
 

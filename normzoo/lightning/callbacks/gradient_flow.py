@@ -58,6 +58,8 @@ class GradientFlowMonitor(DiagnosticCallback):
     """
 
     default_name = "gradient_flow"
+    schedule: SamplingSchedule
+    selector: LayerSelector
 
     def __init__(
         self,
@@ -85,10 +87,6 @@ class GradientFlowMonitor(DiagnosticCallback):
         self._armed_step: int | None = None
         self._warned: set[str] = set()
 
-    @property
-    def every_n_steps(self) -> int | None:
-        return self.schedule.every_n_steps
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "warned": sorted(self._warned)}
@@ -99,14 +97,8 @@ class GradientFlowMonitor(DiagnosticCallback):
         self._warned = set(state_dict.get("warned", []))
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.schedule.check_logging(trainer)
-            self.selected = self.selector.resolve(pl_module)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.schedule.start(trainer)
+        super().on_train_start(trainer, pl_module)  # starts the schedule
         self._trainer = trainer
         if trainer.is_global_zero and self.selected:
             # Lightning clips after on_before_optimizer_step, inside optimizer.step; a step pre-hook runs
@@ -177,11 +169,6 @@ class GradientFlowMonitor(DiagnosticCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self.selected, self._trainer, self._armed_step = [], None, None
-
-    def _why_nothing(self) -> str:
-        if not self.selected:
-            return f": no layer matches layers={self.selector.spec!r}"
-        return ""
 
     @override
     def make_figure(self) -> Figure | None:

@@ -89,6 +89,9 @@ class JacobianSpectrumMonitor(DiagnosticCallback):
     """
 
     default_name = "jacobian"
+    layer_noun = "block"
+    schedule: SamplingSchedule
+    selector: LayerSelector
 
     def __init__(
         self,
@@ -124,10 +127,6 @@ class JacobianSpectrumMonitor(DiagnosticCallback):
         self._stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}
         self._step = -1
 
-    @property
-    def every_n_steps(self) -> int | None:
-        return self.schedule.every_n_steps
-
     def resolve_layers(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
         """The blocks of the outermost Sequential when ``layers`` is ``None`` and it has some, else the
         selected modules."""
@@ -150,18 +149,9 @@ class JacobianSpectrumMonitor(DiagnosticCallback):
             )
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.schedule.start(trainer)
-
-    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self.selected, self._inputs, self._stats = [], {}, {}
-
-    def _why_nothing(self) -> str:
-        if not self.selected:
-            return f": no block matches layers={self.selector.spec!r}"
-        return ""
 
     # -- capture -------------------------------------------------------------------------------------------
     @staticmethod

@@ -59,6 +59,7 @@ class LossLandscapeMonitor(DiagnosticCallback):
     """
 
     default_name = "landscape"
+    schedule: SamplingSchedule
     measures_on_every_rank = True
 
     def __init__(
@@ -76,19 +77,6 @@ class LossLandscapeMonitor(DiagnosticCallback):
         self.replay = BatchReplay(loss_fn, owner=owner)
         self.step_sizes = positive_floats(owner, "step_sizes", step_sizes)
         self.relative = relative
-
-    @property
-    def every_n_steps(self) -> int | None:
-        return self.schedule.every_n_steps
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.schedule.check_logging(trainer)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.schedule.start(trainer)
 
     @override
     def on_train_batch_start(

@@ -57,6 +57,8 @@ class WeightNormMonitor(DiagnosticCallback):
     """
 
     default_name = "weight_norm"
+    schedule: SamplingSchedule
+    selector: LayerSelector
 
     def __init__(
         self,
@@ -78,19 +80,9 @@ class WeightNormMonitor(DiagnosticCallback):
         self._before: list[Tensor] | None = None
         self._before_step = -1
 
-    @property
-    def every_n_steps(self) -> int | None:
-        return self.schedule.every_n_steps
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.schedule.check_logging(trainer)
-            self.selected = self.selector.resolve(pl_module)
-
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.schedule.start(trainer)
+        super().on_train_start(trainer, pl_module)  # starts the schedule
         self._trainer = trainer
         if trainer.is_global_zero and self.selected:
             self._handles += [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
@@ -132,11 +124,6 @@ class WeightNormMonitor(DiagnosticCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self.selected, self._trainer, self._before = [], None, None
-
-    def _why_nothing(self) -> str:
-        if not self.selected:
-            return f": no layer matches layers={self.selector.spec!r}"
-        return ""
 
     @override
     def make_figure(self) -> Figure | None:
