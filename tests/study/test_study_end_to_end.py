@@ -607,7 +607,15 @@ def test_ctrl_c_stops_the_worker_processes(tmp_path: Path) -> None:
     out = tmp_path / "parallel"
     argv = [sys.executable, "-m", "normzoo.study", "--preset", "tiny", "--out", str(out), "--workers", "2"]
     argv += ["--no-progress", "--no-figures", "--max-epochs", "50"]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A job started in the background by a non-interactive shell (as CI may run the suite) inherits an
+    # ignored SIGINT, which Python then keeps: give the study the default disposition, as a terminal does.
+    proc = subprocess.Popen(
+        argv,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 240
         while not list((out / "runs").glob("*.json")):
