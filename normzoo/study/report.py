@@ -301,6 +301,18 @@ def _why_value(record: Record | None, key: str) -> float | None:
     return stats._diag_measure(record, key)
 
 
+def _finding_blocks(f: stats.Finding) -> list[Block]:
+    """A claim's subsection: its verdict, the claim, the evidence and the caveats."""
+    blocks: list[Block] = [
+        Heading(3, f"{f.title} — {f.verdict}"),
+        Para(f"*Claim:* {f.claim}"),
+        Para(" ".join(f.evidence) or "No evidence."),
+    ]
+    if f.caveats:
+        blocks.append(Para("*Caveats:* " + "; ".join(f.caveats) + "."))
+    return blocks
+
+
 def _why_figure(diag: Mapping[tuple[str, str], Mapping[str, Record]], path: Path) -> None:
     """One panel per measure: a bar per (setting, variant) from the first seed's diagnostics."""
     fig, axes = _new_figure(1, len(_WHY_MEASURES), (2.6, 2.6))
@@ -542,13 +554,8 @@ def build_blocks(
     blocks.append(Bullets(summary))
     why = {"ics", "landscape", "weight_norm", "gradient_flow", "jacobian"}
     for f in found:
-        if f.key in why:
-            continue
-        blocks.append(Heading(3, f"{f.title} — {f.verdict}"))
-        blocks.append(Para(f"*Claim:* {f.claim}"))
-        blocks.append(Para(" ".join(f.evidence) or "No evidence."))
-        if f.caveats:
-            blocks.append(Para("*Caveats:* " + "; ".join(f.caveats) + "."))
+        if f.key not in why:
+            blocks += _finding_blocks(f)
 
     # -- why does BN work? ----------------------------------------------------------------------------
     blocks.append(Heading(2, "Why does BN work?"))
@@ -572,13 +579,8 @@ def build_blocks(
         _why_figure(diag, out / name)
         blocks.append(Image(name.as_posix(), "the why-BN-works measures by variant"))
     for f in found:
-        if f.key not in why:
-            continue
-        blocks.append(Heading(3, f"{f.title} — {f.verdict}"))
-        blocks.append(Para(f"*Claim:* {f.claim}"))
-        blocks.append(Para(" ".join(f.evidence) or "No evidence."))
-        if f.caveats:
-            blocks.append(Para("*Caveats:* " + "; ".join(f.caveats) + "."))
+        if f.key in why:
+            blocks += _finding_blocks(f)
 
     # -- tables per factor ----------------------------------------------------------------------------
     blocks.append(Heading(2, "Results by factor"))
