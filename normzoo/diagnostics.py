@@ -9,8 +9,8 @@ parameter dictionary) and returns tensors or plain Python numbers; none of them 
 - :func:`activation_stats`: mean, std, percentiles, the fraction of saturated sigmoid/tanh outputs and the
   fraction of dead ReLU units of one layer's output.
 - :func:`jacobian_singular_values`: singular values of the input-output Jacobian of a function per sample,
-  exact (:func:`torch.func.jacrev` + :func:`torch.linalg.svdvals`) or estimated matrix-free (randomized SVD
-  with power iterations over :func:`torch.func.jvp` / :func:`torch.func.vjp`).
+  exact (basis probes + :func:`torch.linalg.svdvals`) or estimated matrix-free (randomized SVD with power
+  iterations), through reverse-mode autograd alone.
 - :func:`internal_covariate_shift`: Santurkar et al. (2018)'s ICS of each layer: the ℓ2 distance and the
   cosine between the layer's gradient before and after the earlier layers take an SGD step, same batch.
 - :func:`train_eval_drift`: how far each BatchNorm layer's batch statistics are from its running
@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -200,9 +199,56 @@ class JacobianSpectrum(NamedTuple):
     exact: bool
 
 
-def _per_sample(fn: Callable[[Tensor], Tensor], shape: torch.Size) -> Callable[[Tensor], Tensor]:
-    """One flat sample -> its flat output, through the batched ``fn``."""
-    return lambda v: fn(v.reshape(1, *shape)).reshape(-1)
+class _Linearized:
+    """``fn`` linearized at ``copies`` stacked copies of the batch ``x``: ``J_n v`` and ``J_n^T u`` for
+    ``copies`` probes of every sample ``n`` at once, through reverse-mode autograd alone.
+
+    The probes ride in the batch dimension (``fn`` treats samples independently), so one call of ``fn``
+    and one backward pass apply every probe. ``J v`` is the derivative of the linear map ``u -> J^T u``
+    (a second backward pass through the first one's graph), which needs double backward but no
+    forward-mode AD: forward mode would script torch's forward-mode decompositions on its first use in a
+    process (most of a second on a CPU) and fails on custom autograd functions that define no ``jvp``.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor, copies: int) -> None:
+        self.copies, self.n = copies, x.shape[0]
+        self.x = x.repeat(copies, *([1] * (x.dim() - 1))).requires_grad_()  # (copies * N, ...), probe-major
+        with torch.enable_grad():
+            self.out = fn(self.x)
+        self._u: Tensor | None = None
+        self._jt_u: Tensor | None = None
+
+    def _grad(self, output: Tensor, inputs: Tensor, grad_output: Tensor, create_graph: bool = False) -> Tensor:
+        if not output.requires_grad:  # fn (or J^T u) does not depend on its argument: a zero map
+            return torch.zeros_like(inputs)
+        (grad,) = torch.autograd.grad(
+            output, inputs, grad_output, retain_graph=True, create_graph=create_graph, materialize_grads=True
+        )
+        return grad
+
+    def t(self, us: Tensor) -> Tensor:
+        """``(copies, N, d_out) -> (copies, N, d_in)``: ``J_n^T u`` for every probe and sample."""
+        return self._grad(self.out, self.x, us.reshape(self.out.shape)).reshape(self.copies, self.n, -1)
+
+    def __call__(self, vs: Tensor) -> Tensor:
+        """``(copies, N, d_in) -> (copies, N, d_out)``: ``J_n v`` for every probe and sample."""
+        if self._u is None:
+            with torch.enable_grad():
+                self._u = torch.zeros_like(self.out, requires_grad=True)
+                self._jt_u = self._grad(self.out, self.x, self._u, create_graph=True)
+        assert self._jt_u is not None
+        return self._grad(self._jt_u, self._u, vs.reshape(self.x.shape)).reshape(self.copies, self.n, -1)
+
+
+def _exact_jacobians(fn: Callable[[Tensor], Tensor], x: Tensor, d_out: int) -> Tensor:
+    """``(N, d_out, d_in)``: every sample's Jacobian, one basis probe per row (``J^T e_i``) or per column
+    (``J e_j``), whichever needs fewer."""
+    n, d_in = x.shape[0], x[0].numel()
+    if d_out <= d_in:
+        eye = torch.eye(d_out, dtype=x.dtype, device=x.device)[:, None, :].expand(d_out, n, d_out)
+        return _Linearized(fn, x, d_out).t(eye).permute(1, 0, 2)
+    eye = torch.eye(d_in, dtype=x.dtype, device=x.device)[:, None, :].expand(d_in, n, d_in)
+    return _Linearized(fn, x, d_in)(eye).permute(1, 2, 0)
 
 
 def _randomized_svdvals(
@@ -215,33 +261,22 @@ def _randomized_svdvals(
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """Halko, Martinsson & Tropp (2011), Algorithms 4.3/4.4 and 5.1, matrix-free and for every sample at
-    once: the batched ``fn`` is linearized at ``x`` and each sample's Jacobian is applied only through
-    :func:`torch.func.jvp` / :func:`torch.func.vjp`, ``width`` probes at a time (vmapped)."""
-    n = x.shape[0]
+    once: ``fn`` is linearized at ``x`` and each sample's Jacobian is applied only to ``width`` probes at
+    a time (see :class:`_Linearized`)."""
     d_in = x[0].numel()
     width = min(rank + oversample, d_in, d_out)
-    omega = torch.randn(width, *x.shape, generator=generator, dtype=torch.float64).to(x)
-    out, vjp_fn = torch.func.vjp(fn, x)[:2]
-    out_shape = out.shape
-
-    def jmv(vs: Tensor) -> Tensor:  # (width, N, d_in) -> (width, N, d_out): J_n v for every sample n
-        out = torch.func.vmap(lambda v: torch.func.jvp(fn, (x,), (v.reshape(x.shape),))[1])(vs)
-        return out.reshape(vs.shape[0], n, -1)
-
-    def jtmv(us: Tensor) -> Tensor:  # (width, N, d_out) -> (width, N, d_in): J_n^T u
-        return torch.func.vmap(lambda u: vjp_fn(u.reshape(out_shape))[0])(us).reshape(us.shape[0], n, -1)
+    omega = torch.randn(width, x.shape[0], d_in, generator=generator, dtype=torch.float64).to(x)
+    jac = _Linearized(fn, x, width)
 
     def basis(y: Tensor) -> Tensor:  # (width, N, d) -> (width, N, d) orthonormal per sample
         return torch.linalg.qr(y.permute(1, 2, 0)).Q.permute(2, 0, 1)
 
-    with warnings.catch_warnings():  # forward-mode decompositions script a helper on first use
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        y = jmv(omega)
-        frob_sq = y.pow(2).sum(dim=(0, 2)) / width  # Hutchinson: E ||J w||^2 = ||J||_F^2, w ~ N(0, I)
-        q = basis(y)
-        for _ in range(power_iters):
-            q = basis(jmv(basis(jtmv(q))))
-        b_t = jtmv(q)  # (width, N, d_in): rows of Q_n^T J_n
+    y = jac(omega)
+    frob_sq = y.pow(2).sum(dim=(0, 2)) / width  # Hutchinson: E ||J w||^2 = ||J||_F^2, w ~ N(0, I)
+    q = basis(y)
+    for _ in range(power_iters):
+        q = basis(jac(basis(jac.t(q))))
+    b_t = jac.t(q)  # (width, N, d_in): rows of Q_n^T J_n
     sv = torch.linalg.svdvals(b_t.permute(1, 0, 2))[:, : min(rank, width)]
     return sv, frob_sq
 
@@ -261,12 +296,13 @@ def jacobian_singular_values(
 
     ``fn`` maps a batch to a batch and treats samples independently (a layer in eval mode: sample ``n``'s
     output depends on sample ``n``'s input only); each sample's Jacobian is ``(d_out, d_in)`` with
-    ``d_in = x[n].numel()``. ``method="exact"`` builds every sample's Jacobian with
-    :func:`torch.func.jacrev` (vmapped over the samples) and takes :func:`torch.linalg.svdvals`
-    (cost ``O(d_out·d_in·min)`` a sample); ``"randomized"`` estimates the ``rank`` largest singular values
-    by randomized SVD with ``power_iters`` power iterations, applying the Jacobians only through
-    :func:`torch.func.jvp` / :func:`torch.func.vjp` on the whole batch (``2·power_iters + 2`` batched passes
-    of ``rank + oversample`` probes; memory ``O((rank + oversample)·N·d)``); ``"auto"`` is exact when
+    ``d_in = x[n].numel()``. ``method="exact"`` builds every sample's Jacobian from ``min(d_in, d_out)``
+    basis probes and takes :func:`torch.linalg.svdvals` (cost ``O(d_out·d_in·min)`` a sample);
+    ``"randomized"`` estimates the ``rank`` largest singular values by randomized SVD with ``power_iters``
+    power iterations, applying the Jacobians only to ``rank + oversample`` probes a sample
+    (``2·power_iters + 2`` passes; memory ``O((rank + oversample)·N·d)``). Both stack the probes into the
+    batch dimension of ``fn`` and use reverse-mode autograd alone (``J v`` by double backward), so ``fn``
+    must be twice differentiable but needs no forward-mode (``jvp``) support. ``"auto"`` is exact when
     ``max(d_in, d_out) <= max_exact_dim``. ``rms`` covers *all* singular values either way (exact, or a
     Hutchinson estimate from the first probes). Computed in float32 (float64 inputs stay float64).
 
@@ -295,9 +331,7 @@ def jacobian_singular_values(
     exact = method == "exact" or (method == "auto" and max(d_in, d_out) <= max_exact_dim)
     r = min(d_in, d_out)
     if exact:
-        single = _per_sample(fn, x.shape[1:])
-        jac = torch.func.vmap(torch.func.jacrev(single))(x.reshape(x.shape[0], -1))
-        values = torch.linalg.svdvals(jac)
+        values = torch.linalg.svdvals(_exact_jacobians(fn, x, d_out))
         frob_sq = values.pow(2).sum(dim=1)
     else:
         values, frob_sq = _randomized_svdvals(fn, x, d_out, rank, oversample, power_iters, generator)

@@ -64,6 +64,54 @@ def test_auto_switches_on_the_dimension_budget() -> None:
         D.jacobian_singular_values(lin, x, method="svd")  # type: ignore[arg-type]
 
 
+class _SoftplusNoJvp(torch.autograd.Function):
+    """softplus with a hand-written, twice-differentiable backward and no ``jvp``: forward-mode AD refuses it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return F.softplus(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")  # torch.func.jvp's first use
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_spectra_need_no_forward_mode_support(method: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9).double()
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        return _SoftplusNoJvp.apply(lin(v))
+
+    x = torch.randn(2, 12, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # what the spectra used to go through
+        torch.func.jvp(fn, (x,), (torch.ones_like(x),))
+    spec = D.jacobian_singular_values(fn, x, method=method, rank=9, oversample=0, power_iters=2)
+    for i in range(2):
+        ref = _reference_svdvals(fn, x[i])
+        np.testing.assert_allclose(spec.values[i].numpy(), ref[: spec.values.shape[1]], rtol=1e-8, atol=1e-12)
+
+
+def test_conv_block_in_eval_mode_matches_its_autograd_jacobian() -> None:
+    """A conv -> BN (running statistics) -> ReLU -> max-pool block, both methods, against numpy's SVD."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2)).double()
+    block[1].running_mean.uniform_(-0.5, 0.5)
+    block[1].running_var.uniform_(0.5, 2.0)
+    block.eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    exact = D.jacobian_singular_values(block, x, method="exact")
+    est = D.jacobian_singular_values(block, x, method="randomized", rank=4, oversample=8, power_iters=3)
+    for i in range(3):
+        ref = _reference_svdvals(block, x[i])
+        np.testing.assert_allclose(exact.values[i].numpy(), ref[: exact.values.shape[1]], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(est.values[i].numpy(), ref[:4], rtol=1e-6)
+
+
 def test_sv_histogram_bins_are_fixed_and_clip() -> None:
     edges = np.array(D.SV_HISTOGRAM_EDGES)
     values = torch.tensor([0.0, 1e-3, 0.99, 1.01, 5.0, 1e9])

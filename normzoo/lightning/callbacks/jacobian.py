@@ -46,10 +46,9 @@ class JacobianSpectrumMonitor(DiagnosticCallback):
     first ``max_samples`` inputs of each block and the batch statistics of every BN layer inside it; in
     ``on_before_optimizer_step`` (same weights as the forward) each sample's Jacobian is taken through
     :func:`torch.func.functional_call` on detached float32 copies of the block's parameters and buffers,
-    in eval mode (dropout off, no noise): exactly with :func:`torch.func.jacrev` +
-    :func:`torch.linalg.svdvals` when ``max(d_in, d_out) <= max_exact_dim``, else the ``rank`` largest
-    singular values by randomized SVD (``power_iters`` power iterations, matrix-free through
-    jvp/vjp, fixed seed). See :func:`normzoo.diagnostics.jacobian_singular_values`. The cost per sample is
+    in eval mode (dropout off, no noise): exactly (basis probes + :func:`torch.linalg.svdvals`) when
+    ``max(d_in, d_out) <= max_exact_dim``, else the ``rank`` largest singular values by randomized SVD
+    (``power_iters`` power iterations, matrix-free, fixed seed), through reverse-mode autograd alone. See :func:`normzoo.diagnostics.jacobian_singular_values`. The cost per sample is
     bounded by ``max_samples`` and those budgets; the model and the random state are not touched.
 
     ``bn_stats="batch"`` (default) evaluates BN layers with the statistics of the training batch, as
