@@ -20,16 +20,24 @@ hits both alike. The overhead of a round is ``time(with) / time(without) - 1`` f
 ``Trainer.fit`` and for the CPU time of the training thread; the report gives the median over rounds, and
 the ratio of the fastest run with monitors to the fastest run without (the least disturbed by other load on
 the machine).
-The first round includes the one-off start-up of ``torch.func`` (vmap/jacrev/jvp) in the process. ``--per-monitor``
-adds one run per monitor alone (one round), to see where the time goes.
+``--per-monitor`` adds one run per monitor alone (one round), to see where the time goes.
+
+On a shared machine the wall time of a fit varies by several per cent from run to run, as much as the
+overhead being measured, so the script also clocks the time spent *inside* the monitors' Lightning hooks
+(:class:`HookClock`: every hook of every monitor wrapped with a timer, in the runs with monitors). That
+in-hook time, as a fraction of the fit without monitors, is the monitors' own cost free of that noise; what
+it leaves out is Lightning's handling of the values the monitors log and the forward hooks they register on
+sampled steps (which run inside the training step).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -68,8 +76,60 @@ def fit_once(
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def monitors() -> list[DiagnosticCallback]:
-    return all_monitors(save_figures=False)
+#: The hooks Lightning may call on a callback.
+HOOKS = tuple(name for name in vars(pl.Callback) if name.startswith("on_") or name in ("setup", "teardown"))
+
+
+class HookClock:
+    """The wall time spent inside each callback's Lightning hooks, summed per ``(callback, hook)``.
+
+    Example:
+        >>> clock = HookClock()
+        >>> cb = clock.wrap(pl.Callback())
+        >>> cb.on_train_start(None, None)
+        >>> clock.calls[("Callback", "on_train_start")], clock.total_s() >= 0
+        (1, True)
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple[str, str], float] = defaultdict(float)
+        self.calls: dict[tuple[str, str], int] = defaultdict(int)
+
+    def wrap(self, callback: pl.Callback) -> pl.Callback:
+        """Time every hook of ``callback`` (instance attributes shadow the class's methods)."""
+        name = getattr(callback, "name", type(callback).__name__)
+        for hook in HOOKS:
+            setattr(callback, hook, self._timed(getattr(callback, hook), (name, hook)))
+        return callback
+
+    def _timed(self, fn: Callable[..., Any], key: tuple[str, str]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+                self.calls[key] += 1
+
+        return timed
+
+    def total_s(self) -> float:
+        return sum(self.seconds.values())
+
+    def per_callback(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for (name, _), seconds in self.seconds.items():
+            out[name] += seconds
+        return dict(out)
+
+
+def monitors(clock: HookClock | None = None) -> list[DiagnosticCallback]:
+    callbacks = all_monitors(save_figures=False)
+    if clock is not None:
+        for cb in callbacks:
+            clock.wrap(cb)
+    return callbacks
 
 
 def figure_times(callbacks: list[DiagnosticCallback], folder: str) -> dict[str, float]:
@@ -94,11 +154,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     norm = None if args.norm == "none" else args.norm
     fit_once(norm, 1, [])  # warm-up: imports, data, allocator
-    rounds: list[dict[str, float]] = []
+    rounds: list[dict[str, Any]] = []
     last: list[DiagnosticCallback] = []
     for r in range(args.repeats):
         runs: dict[str, tuple[float, float]] = {}
-        order: list[tuple[str, Callable[[], list[DiagnosticCallback]]]] = [("base", list), ("all", monitors)]
+        clock = HookClock()
+        order: list[tuple[str, Callable[[], list[DiagnosticCallback]]]] = [
+            ("base", list),
+            ("all", functools.partial(monitors, clock)),
+        ]
         for label, make in order if r % 2 == 0 else order[::-1]:
             cbs = make()
             runs[label] = fit_once(norm, args.epochs, list(cbs))
@@ -112,11 +176,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "all_cpu_s": runs["all"][1],
                 "wall_overhead": runs["all"][0] / runs["base"][0] - 1,
                 "cpu_overhead": runs["all"][1] / runs["base"][1] - 1,
+                "in_hooks_s": clock.total_s(),
+                "in_hooks_overhead": clock.total_s() / runs["base"][0],
+                "in_hooks_per_monitor_s": clock.per_callback(),
             }
         )
         print(
             f"round {r}: without {runs['base'][0]:.1f} s, with all monitors {runs['all'][0]:.1f} s: "
-            f"wall {rounds[-1]['wall_overhead']:+.1%}, cpu {rounds[-1]['cpu_overhead']:+.1%}",
+            f"wall {rounds[-1]['wall_overhead']:+.1%}, cpu {rounds[-1]['cpu_overhead']:+.1%}; "
+            f"inside the monitors' hooks {clock.total_s():.2f} s ({rounds[-1]['in_hooks_overhead']:+.1%})",
             flush=True,
         )
     steps = {cb.name: len(cb.history) for cb in last}
@@ -130,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rounds": rounds,
         "wall_overhead_median": statistics.median(r["wall_overhead"] for r in rounds),
         "cpu_overhead_median": statistics.median(r["cpu_overhead"] for r in rounds),
+        "in_hooks_overhead_median": statistics.median(r["in_hooks_overhead"] for r in rounds),
         "wall_overhead_of_fastest": min(r["all_wall_s"] for r in rounds)
         / min(r["base_wall_s"] for r in rounds)
         - 1,
@@ -143,6 +212,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"cpu {result['cpu_overhead_median']:+.1%} (median of {args.repeats} rounds); "
         f"fastest with / fastest without: wall {result['wall_overhead_of_fastest']:+.1%}, "
         f"cpu {result['cpu_overhead_of_fastest']:+.1%}"
+    )
+    print(
+        f"time inside the monitors' hooks: {result['in_hooks_overhead_median']:+.1%} of the fit without "
+        "monitors (median); per monitor, last round:",
+        {k: round(v, 2) for k, v in rounds[-1]["in_hooks_per_monitor_s"].items()},
+        "s",
     )
     print("samples recorded:", steps)
     print("figure rendering, one-off at the end:", {k: round(v, 2) for k, v in figures.items()}, "s")
