@@ -22,6 +22,11 @@ the ratio of the fastest run with monitors to the fastest run without (the least
 the machine).
 ``--per-monitor`` adds one run per monitor alone (one round), to see where the time goes.
 
+``--side-by-side`` runs each round's two fits at the same time instead, in two processes pinned to two
+different CPUs (swapped every round), so that whatever else slows the machine down during a round (other
+processes, a busy hyperthread sibling, the host) slows both alike; it needs two CPUs and gives the
+steadiest end-to-end number on a shared machine.
+
 On a shared machine the wall time of a fit varies by several per cent from run to run, as much as the
 overhead being measured, so the script also clocks the time spent *inside* the monitors' Lightning hooks
 (:class:`HookClock`: every hook of every monitor wrapped with a timer, in the runs with monitors). That
@@ -35,7 +40,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -141,6 +149,45 @@ def figure_times(callbacks: list[DiagnosticCallback], folder: str) -> dict[str, 
     return out
 
 
+def _one_fit(label: str, norm: str | None, epochs: int, cpu: int | None) -> dict[str, Any]:
+    """One fit in this process (``--one``): pinned to ``cpu``, after a warm-up fit; its times as a dict."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    fit_once(norm, 1, [])
+    clock = HookClock()
+    callbacks: list[pl.Callback] = list(monitors(clock)) if label == "all" else []
+    wall, cpu_s = fit_once(norm, epochs, callbacks)
+    return {"label": label, "cpu": cpu, "wall_s": wall, "cpu_s": cpu_s, "in_hooks_s": clock.total_s()}
+
+
+def side_by_side_round(args: argparse.Namespace, r: int) -> dict[str, Any]:
+    """Both fits of round ``r`` at once, each in its own process pinned to its own CPU."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    procs = {}
+    for label, cpu in zip(("base", "all"), cpus if r % 2 == 0 else cpus[::-1], strict=True):
+        cmd = [sys.executable, __file__, "--one", label, "--cpu", str(cpu), "--epochs", str(args.epochs)]
+        cmd += ["--norm", args.norm, "--threads", "1"]
+        procs[label] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    runs = {}
+    for label, proc in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"the {label!r} fit of round {r} failed (exit {proc.returncode})")
+        runs[label] = json.loads(out.strip().splitlines()[-1])
+    base, full = runs["base"], runs["all"]
+    return {
+        "base_wall_s": base["wall_s"],
+        "all_wall_s": full["wall_s"],
+        "base_cpu_s": base["cpu_s"],
+        "all_cpu_s": full["cpu_s"],
+        "wall_overhead": full["wall_s"] / base["wall_s"] - 1,
+        "cpu_overhead": full["cpu_s"] / base["cpu_s"] - 1,
+        "in_hooks_s": full["in_hooks_s"],
+        "in_hooks_overhead": full["in_hooks_s"] / base["wall_s"],
+        "cpus": {"base": base["cpu"], "all": full["cpu"]},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=48)
@@ -149,10 +196,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--per-monitor", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--side-by-side", action="store_true", help="run each round's two fits at once")
+    parser.add_argument("--one", choices=("base", "all"), help=argparse.SUPPRESS)  # a --side-by-side child
+    parser.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     norm = None if args.norm == "none" else args.norm
+    if args.one:
+        one = _one_fit(args.one, norm, args.epochs, args.cpu)
+        print(json.dumps(one))
+        return one
+    if args.side_by_side:
+        if len(os.sched_getaffinity(0)) < 2:
+            parser.error("--side-by-side needs two CPUs")
+        pairs = []
+        for r in range(args.repeats):
+            pairs.append(side_by_side_round(args, r))
+            print(
+                f"round {r} (side by side): without {pairs[-1]['base_wall_s']:.1f} s, with all monitors "
+                f"{pairs[-1]['all_wall_s']:.1f} s: wall {pairs[-1]['wall_overhead']:+.1%}, "
+                f"cpu {pairs[-1]['cpu_overhead']:+.1%}; inside the monitors' hooks "
+                f"{pairs[-1]['in_hooks_s']:.2f} s ({pairs[-1]['in_hooks_overhead']:+.1%})",
+                flush=True,
+            )
+        summary = {
+            "model": f"build_cnn(1, 10, norm={norm!r}) on digits, batch 64, {args.epochs} epochs",
+            "mode": "side by side",
+            "rounds": pairs,
+            "wall_overhead_median": statistics.median(r["wall_overhead"] for r in pairs),
+            "cpu_overhead_median": statistics.median(r["cpu_overhead"] for r in pairs),
+            "in_hooks_overhead_median": statistics.median(r["in_hooks_overhead"] for r in pairs),
+        }
+        print(
+            f"overhead of all monitors (defaults), side by side: wall {summary['wall_overhead_median']:+.1%}, "
+            f"cpu {summary['cpu_overhead_median']:+.1%}, inside their hooks "
+            f"{summary['in_hooks_overhead_median']:+.1%} (medians of {args.repeats} rounds)"
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
     fit_once(norm, 1, [])  # warm-up: imports, data, allocator
     rounds: list[dict[str, Any]] = []
     last: list[DiagnosticCallback] = []

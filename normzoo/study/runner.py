@@ -73,7 +73,8 @@ def run_identity(spec: RunSpec, config: StudyConfig) -> dict[str, Any]:
         "max_steps": config.effective_max_steps,
         "limit_train_batches": config.effective_limit_train_batches,
         "accelerator": _accelerator_name(config.accelerator),
-        "diagnostics": spec.diagnostics,
+        # what the diagnostics record: True meant internal covariate shift replayed with the same noise
+        "diagnostics": {"ics_randomness": "fresh"} if spec.diagnostics else False,
         # how Batch Renormalization's schedule is derived (see normzoo.study.renorm)
         "renorm_schedule": "paper, scaled to the run (5/25/40 %)" if spec.variant == "renorm" else None,
     }
@@ -467,7 +468,9 @@ def _diagnostic_callbacks(steps_per_epoch: int) -> list[Any]:
     return [
         GradientFlowMonitor(every_n_steps=every, save_figures=False, warn=False),
         WeightNormMonitor(every_n_steps=every, save_figures=False),
-        CovariateShiftMonitor(every_n_steps=steps_per_epoch, save_figures=False),
+        # fresh noise for G': noisy BN's shift is its noise redrawn at every step (Santurkar et al.'s point);
+        # replayed with the same noise, that shift would be measured away
+        CovariateShiftMonitor(every_n_steps=steps_per_epoch, randomness="fresh", save_figures=False),
         LossLandscapeMonitor(every_n_steps=steps_per_epoch, save_figures=False),
         JacobianSpectrumMonitor(every_n_steps=steps_per_epoch, save_figures=False),
     ]

@@ -815,7 +815,7 @@ def _f_measure(
 def _f_ics(ctx: _Ctx) -> Finding:
     f = _f_measure(
         ctx, "ics", "Noisy BN has more internal covariate shift than BN", "ics",
-        "internal covariate shift (mean ‖G − G'‖)", "noisy", "batchnorm", smaller=False,
+        "internal covariate shift (mean ‖G − G'‖, G' with the next step's noise)", "noisy", "batchnorm", smaller=False,
     )  # fmt: skip
     for model in ctx.models:  # "yet trains about as well as BN"
         noisy, bn = (ctx.cell("baseline", "baseline", model, v) for v in ("noisy", "batchnorm"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 __all__ = [
     "BatchReplay",
     "LossFn",
+    "Randomness",
     "default_loss",
     "eval_mode",
     "lr_per_parameter",
@@ -29,6 +30,8 @@ __all__ = [
 
 #: ``loss_fn(module, batch) -> scalar loss`` for the monitors that replay a batch.
 LossFn: TypeAlias = Callable[[nn.Module, Any], Tensor]
+#: Whether the passes of a replay draw the same random numbers or fresh ones (see :meth:`BatchReplay.loss_at`).
+Randomness: TypeAlias = Literal["same", "fresh"]
 
 
 def default_loss(module: nn.Module, batch: Any) -> Tensor:
@@ -136,15 +139,26 @@ class BatchReplay:
         return batch if self._step == step else None
 
     @contextmanager
-    def loss_at(self, module: nn.Module, batch: Any) -> Iterator[Callable[[dict[str, Tensor]], Tensor]]:
+    def loss_at(
+        self, module: nn.Module, batch: Any, *, randomness: Randomness = "same"
+    ) -> Iterator[Callable[[dict[str, Tensor]], Tensor]]:
         """A function ``loss_of(params)``: the float32 loss of ``batch`` at ``params`` (full parameter
-        names of ``module``), each call with fresh copies of the buffers and the same random state."""
+        names of ``module``), each call with fresh copies of the buffers. ``randomness="same"``: every call
+        draws the same random numbers (dropout masks, noisy BN's noise); ``"fresh"``: the first call
+        draws what a ``"same"`` call would, each later call new ones, as the next training steps would.
+        Either way the random state is left as it was on entry."""
+        if randomness not in ("same", "fresh"):
+            raise ValueError(f"{self.owner}: expected randomness 'same' or 'fresh', got {randomness!r}")
         wrapper = _LossModule(module, self.loss_fn)
         buffers = {f"inner.{n}": b.detach().clone() for n, b in module.named_buffers()}
+        calls = 0
         with replayed_randomness(module) as rewind:
 
             def loss_of(params: dict[str, Tensor]) -> Tensor:
-                rewind()
+                nonlocal calls
+                if randomness == "same" or calls == 0:
+                    rewind()
+                calls += 1
                 state = {f"inner.{n}": p for n, p in params.items()}
                 state.update((n, b.clone()) for n, b in buffers.items())
                 loss: Tensor = torch.func.functional_call(wrapper, state, (batch,), strict=False)

@@ -12,7 +12,7 @@ from typing_extensions import override
 from ...diagnostics import internal_covariate_shift
 from ._base import DiagnosticCallback
 from ._layers import LayerSelector, LayerSpec, finite_mean, has_weight, has_weight_matrix
-from ._replay import BatchReplay, LossFn, lr_per_parameter, trainable_parameters
+from ._replay import BatchReplay, LossFn, Randomness, lr_per_parameter, trainable_parameters
 from ._schedule import SamplingSchedule
 
 if TYPE_CHECKING:
@@ -35,9 +35,16 @@ class CovariateShiftMonitor(DiagnosticCallback):
 
     Each pass is a replay through :func:`torch.func.functional_call` (see
     :class:`~normzoo.lightning.callbacks._replay.BatchReplay`): the module stays in training mode, so BN
-    uses batch statistics as in training, but on copies of the buffers, and with the same dropout masks
-    and noise on every pass; the model, its gradients, BN running statistics, the optimizer and the random
-    state are left exactly as they were. Under DDP every rank replays its own batch and rank zero logs.
+    uses batch statistics as in training, but on copies of the buffers; the model, its gradients, BN running
+    statistics, the optimizer and the random state are left exactly as they were. Under DDP every rank
+    replays its own batch and rank zero logs.
+
+    Random layers: with ``randomness="same"`` (default) every pass draws the same dropout masks and noise,
+    so ``G − G'`` is the shift the earlier layers' update causes and nothing else. With ``"fresh"`` each
+    ``G'`` pass draws new ones, as the next training step would: the shift a random layer adds from step to
+    step counts too. That is the covariate shift of Santurkar et al.'s noisy BatchNorm, whose noise is
+    redrawn at every step; with the same noise on both passes it would be measured away. Deterministic
+    models give the same numbers either way.
 
     Sampled steps: the first, every ``every_n_steps``-th (steps ``N-1, 2N-1, ...``) and the last one the
     trainer expects, whatever the number of optimizers; ``every_n_steps=None`` (default) samples only
@@ -56,6 +63,7 @@ class CovariateShiftMonitor(DiagnosticCallback):
             its module's trainable parameters.
         loss_fn: ``loss_fn(module, batch) -> loss`` (default: ``module.loss`` or cross entropy of
             ``module(batch[0])`` against ``batch[1]``); needed when a batch is not ``(input, target, ...)``.
+        randomness: ``"same"`` or ``"fresh"`` random numbers for the ``G'`` passes (see above).
         log_per_layer: also log every layer's values.
         **kwargs: ``name``, ``figure_dir``, ``save_figures``, ``figure_every_n_epochs``,
             ``figure_dpi``.
@@ -72,11 +80,15 @@ class CovariateShiftMonitor(DiagnosticCallback):
         every_n_steps: int | None = None,
         layers: LayerSpec = None,
         loss_fn: LossFn | None = None,
+        randomness: Randomness = "same",
         log_per_layer: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
+        if randomness not in ("same", "fresh"):
+            raise ValueError(f"{owner}: expected randomness 'same' or 'fresh', got {randomness!r}")
+        self.randomness: Randomness = randomness
         self.schedule = SamplingSchedule(every_n_steps, samples=1, fallback=500, owner=owner)
         self.selector = LayerSelector(layers, default=has_weight_matrix, allowed=has_weight, owner=owner)
         self.replay = BatchReplay(loss_fn, owner=owner)
@@ -102,7 +114,7 @@ class CovariateShiftMonitor(DiagnosticCallback):
         groups = [[ids[id(p)] for p in m.parameters() if id(p) in ids] for _, m in self.selected]
         kept = [(name, g) for (name, _), g in zip(self.selected, groups, strict=True) if g]
         lrs = lr_per_parameter(trainer.optimizers, params)
-        with self.replay.loss_at(pl_module, batch) as loss_of:
+        with self.replay.loss_at(pl_module, batch, randomness=self.randomness) as loss_of:
             values = internal_covariate_shift(loss_of, params, [g for _, g in kept], lrs)
         layers = {name: {"l2": l2, "cos": cos} for (name, _), (l2, cos) in zip(kept, values, strict=True)}
         self._record(trainer, trainer.global_step, layers=layers)

@@ -145,3 +145,33 @@ def test_custom_loss_fn_and_generator_owned_by_a_layer(tmp_path) -> None:
     assert len(calls) == 2  # at w and at one step size
     assert not torch.equal(gen.get_state(), state)  # the training step drew noise ...
     assert_same_state(before.states[0], after.states[0])
+
+
+@pytest.mark.parametrize("noisy", [True, False])
+def test_ics_with_fresh_randomness_counts_the_noise_redrawn_between_steps(tmp_path, noisy: bool) -> None:
+    """At lr 0 the earlier layers do not move: with the same noise G' = G exactly; with fresh noise a layer
+    after a noisy BN sees the shift the redrawn noise causes, and a deterministic model still sees none."""
+    torch.manual_seed(0)
+    norm = nz.NoisyBatchNorm1d(16) if noisy else nz.BatchNorm1d(16)
+    model = nn.Sequential(nn.Linear(8, 16), norm, nn.ReLU(), nn.Linear(16, 3))
+    runs = {}
+    for randomness in ("same", "fresh"):
+        monitor = CovariateShiftMonitor(every_n_steps=1, randomness=randomness, save_figures=False)
+        before, after = Snapshot(), Snapshot()
+        trainer = make_trainer(tmp_path, [before, monitor, after], max_steps=2)
+        torch.manual_seed(1)
+        trainer.fit(TinyModule(copy.deepcopy(model), lr=0.0), loader())
+        assert len(monitor.history) == 2
+        for a, b in zip(before.states, after.states, strict=True):  # RNG, weights, statistics untouched
+            assert_same_state(a, b)
+        runs[randomness] = [h["layers"]["3"]["l2"] for h in monitor.history]
+    assert runs["same"] == [0.0, 0.0]
+    if noisy:
+        assert all(v > 1e-3 for v in runs["fresh"])
+    else:
+        assert runs["fresh"] == [0.0, 0.0]
+
+
+def test_ics_refuses_an_unknown_randomness() -> None:
+    with pytest.raises(ValueError, match="CovariateShiftMonitor: expected randomness 'same' or 'fresh'"):
+        CovariateShiftMonitor(randomness="new")  # type: ignore[arg-type]
