@@ -218,7 +218,9 @@ class _Linearized:
         self._u: Tensor | None = None
         self._jt_u: Tensor | None = None
 
-    def _grad(self, output: Tensor, inputs: Tensor, grad_output: Tensor, create_graph: bool = False) -> Tensor:
+    def _grad(
+        self, output: Tensor, inputs: Tensor, grad_output: Tensor, create_graph: bool = False
+    ) -> Tensor:
         if not output.requires_grad:  # fn (or J^T u) does not depend on its argument: a zero map
             return torch.zeros_like(inputs)
         (grad,) = torch.autograd.grad(

@@ -99,7 +99,9 @@ def test_spectra_need_no_forward_mode_support(method: str) -> None:
 def test_conv_block_in_eval_mode_matches_its_autograd_jacobian() -> None:
     """A conv -> BN (running statistics) -> ReLU -> max-pool block, both methods, against numpy's SVD."""
     torch.manual_seed(0)
-    block = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2)).double()
+    block = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2)
+    ).double()
     block[1].running_mean.uniform_(-0.5, 0.5)
     block[1].running_var.uniform_(0.5, 2.0)
     block.eval()
@@ -108,7 +110,9 @@ def test_conv_block_in_eval_mode_matches_its_autograd_jacobian() -> None:
     est = D.jacobian_singular_values(block, x, method="randomized", rank=4, oversample=8, power_iters=3)
     for i in range(3):
         ref = _reference_svdvals(block, x[i])
-        np.testing.assert_allclose(exact.values[i].numpy(), ref[: exact.values.shape[1]], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            exact.values[i].numpy(), ref[: exact.values.shape[1]], rtol=1e-10, atol=1e-12
+        )
         np.testing.assert_allclose(est.values[i].numpy(), ref[:4], rtol=1e-6)
 
 
