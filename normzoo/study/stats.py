@@ -87,8 +87,9 @@ _EPS = 1e-9
 def finite_mean(values: Iterable[float | None]) -> float:
     """The mean of the finite values (``None``, ``nan`` and infinities left out); ``nan`` when none is left.
 
-    The one mean of the study's numbers: a diverged run's ``nan`` never poisons an average silently, and an
-    average of nothing is ``nan``, never 0.
+    The rule of :func:`cell_stats` for the lists outside the runs table (a monitor's history, the epochs to a
+    target): a diverged run's ``nan`` never poisons an average silently, and an average of nothing is ``nan``,
+    never 0.
 
     Example:
         >>> finite_mean([1.0, None, float("nan"), 3.0]), finite_mean([])
