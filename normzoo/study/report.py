@@ -18,12 +18,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import stats
 from .grid import FACTORS
 
 __all__ = ["build_blocks", "load_results", "render_html", "render_markdown", "write_report"]
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Record = Mapping[str, Any]
 
@@ -110,18 +113,22 @@ def _level_label(experiment: str, level: str) -> str:
     return "baseline (relu, bs=64, lr=0.01, kaiming)" if experiment == "baseline" else level
 
 
-def _factor_levels(records: Sequence[Record], experiment: str, model: str) -> list[str]:
-    levels: dict[str, float] = {}
-    for r in records:
-        if r["experiment"] == experiment and r["model"] == model:
-            rank: float
-            if experiment == "batch_size":
-                rank = float((r.get("recipe") or {}).get("batch_size", 0))
-            else:
-                labels = [lv.label for lv in FACTORS[experiment].levels] if experiment in FACTORS else []
-                rank = float(labels.index(r["level"])) if r["level"] in labels else 1e9
-            levels.setdefault(str(r["level"]), rank)
-    return sorted(levels, key=lambda k: (levels[k], k))
+def _factor_levels(frame: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
+    """The levels each (experiment, model) ran: by batch size for the batch-size factor, else in the factor's
+    order (levels it does not know last, by name)."""
+    order = {
+        (name, lv.label): float(i) for name, factor in FACTORS.items() for i, lv in enumerate(factor.levels)
+    }
+    runs = frame.drop_duplicates(["experiment", "model", "level"])
+    rank = [
+        float(bs) if experiment == "batch_size" else order.get((experiment, level), 1e9)
+        for experiment, level, bs in zip(runs["experiment"], runs["level"], runs["batch_size"], strict=True)
+    ]
+    ordered = runs.assign(rank=rank).sort_values(["rank", "level"])
+    return {
+        (str(experiment), str(model)): group["level"].tolist()
+        for (experiment, model), group in ordered.groupby(["experiment", "model"], sort=False)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,6 +398,9 @@ def build_blocks(
     study = dict(results.get("study") or {})
     margin = float(draw_margin if draw_margin is not None else study.get("draw_margin", 0.01))
     table = stats.cells(records)
+    # the runs as a table (one row per run), and one row per cell (per_cell) with its means and sds over seeds
+    frame = stats.runs_frame(records)
+    per_cell = stats.cell_stats(frame).reset_index()
     variants = _variants(records)
     models = _models(records)
     seeds = sorted({int(r["seed"]) for r in records})
@@ -469,19 +479,14 @@ def build_blocks(
     if "mnist1d" in datasets:
         from normzoo.lightning.data import MNIST1D_BASELINES
 
-        ours = []
-        for model in models:
-            best = max(
-                (
-                    c
-                    for k, c in table.items()
-                    if k[0] == "mnist1d" and k[1:4] == ("baseline", "baseline", model)
-                ),
-                key=lambda c: c.mean(),
-                default=None,
-            )
-            if best is not None:
-                ours.append(f"{model.upper()} {_pct(best.mean())} % ({best.variant})")
+        baselines = per_cell[(per_cell["dataset"] == "mnist1d") & (per_cell["experiment"] == "baseline")]
+        baselines = baselines.dropna(subset=["test_acc_mean"])
+        best = baselines.loc[baselines.groupby("model")["test_acc_mean"].idxmax()].set_index("model")
+        ours = [
+            f"{m.upper()} {_pct(best.at[m, 'test_acc_mean'])} % ({best.at[m, 'variant']})"
+            for m in models
+            if m in best.index
+        ]
         published = ", ".join(f"{name} ≈ {100 * acc:.0f} %" for name, acc in MNIST1D_BASELINES.items())
         blocks.append(
             Para(
@@ -593,43 +598,44 @@ def build_blocks(
     )
     experiments = [name for name in FACTORS if any(r["experiment"] == name for r in records)]
     experiments += sorted({str(r["experiment"]) for r in records} - set(experiments))
+    # a table cell per setting and variant: "mean ± sd (mean epochs)", the first dataset's where several ran it
+    setting_keys = ["experiment", "level", "model"]
+    texts = per_cell.assign(
+        text=[
+            f"{_pct(mean, sd)} ({epochs:.0f})"
+            for mean, sd, epochs in zip(
+                per_cell["test_acc_mean"], per_cell["test_acc_sd"], per_cell["epochs_mean"], strict=True
+            )
+        ]
+    )
+    grid = texts.drop_duplicates([*setting_keys, "variant"]).pivot(
+        index=setting_keys, columns="variant", values="text"
+    )
+    grid = grid.fillna("-")
+    batch_sizes = frame.drop_duplicates(setting_keys).set_index(setting_keys)["batch_size"]
+    delta_bn: dict[tuple[str, str, str], str] = {}  # the scoreboard's comparison of batchnorm with vanilla
+    for comp in board["batchnorm"].comparisons if "batchnorm" in board else []:
+        delta_bn.setdefault(comp.setting[1:], f"{100 * comp.delta:+.1f} ({comp.outcome})")
+    factor_levels = _factor_levels(frame)
     for experiment in experiments:
         factor = FACTORS.get(experiment)
         blocks.append(Heading(3, factor.title if factor else experiment))
         for claim in stats.claims_for(experiment):
             blocks.append(Para(f"*Published claim:* {claim.text} ({claim.source})"))
         for model in models:
-            levels = _factor_levels(records, experiment, model)
+            levels = factor_levels.get((experiment, model), [])
             if not levels:
                 continue
             settings = [(experiment, lv) for lv in levels]
-            if experiment != "baseline" and any(k[1:4] == ("baseline", "baseline", model) for k in table):
+            if experiment != "baseline" and ("baseline", "baseline", model) in grid.index:
                 settings = [("baseline", "baseline"), *settings]
                 if experiment == "batch_size":
-                    settings.sort(key=lambda s: _batch_size(table, s, model))
-            rows = []
-            for exp, level in settings:
-                label = (
-                    "baseline (bs=64)"
-                    if exp == "baseline" and experiment == "batch_size"
-                    else ("baseline" if exp == "baseline" else level)
-                )
-                row = [label]
-                for variant in variants:
-                    cell = _cell(table, exp, level, model, variant)
-                    row.append(
-                        "-" if cell is None else f"{_pct(cell.mean(), cell.sd())} ({cell.mean('epochs'):.0f})"
-                    )
-                van, bn = (
-                    _cell(table, exp, level, model, "vanilla"),
-                    _cell(table, exp, level, model, "batchnorm"),
-                )
-                if van is not None and bn is not None:
-                    comp = stats.compare(bn, van, margin)
-                    row.append(f"{100 * comp.delta:+.1f} ({comp.outcome})")
-                else:
-                    row.append("-")
-                rows.append(row)
+                    settings.sort(key=lambda s: int(batch_sizes.get((*s, model), 0)))
+            body = grid.reindex(index=[(*s, model) for s in settings], columns=variants, fill_value="-")
+            rows = [
+                [_setting_label(exp, level, experiment), *cells, delta_bn.get((exp, level, model), "-")]
+                for (exp, level, _), cells in zip(body.index, body.to_numpy().tolist(), strict=True)
+            ]
             blocks.append(Table(["setting", *variants, "Δ BN"], rows, f"{model.upper()}"))
             if make_figures and out is not None:
                 name = fig_dir / f"curves_{experiment}_{model}.png"
@@ -784,23 +790,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
-def _cell(
-    table: Mapping[tuple[str, str, str, str, str], stats.Cell],
-    experiment: str,
-    level: str,
-    model: str,
-    variant: str,
-) -> stats.Cell | None:
-    return next((c for k, c in table.items() if k[1:] == (experiment, level, model, variant)), None)
-
-
-def _batch_size(
-    table: Mapping[tuple[str, str, str, str, str], stats.Cell], setting: tuple[str, str], model: str
-) -> int:
-    for k, c in table.items():
-        if k[1:3] == setting and k[3] == model:
-            return int((c.runs[0].get("recipe") or {}).get("batch_size", 0))
-    return 0
+def _setting_label(experiment: str, level: str, factor: str) -> str:
+    """A row of ``factor``'s table: its level, or the baseline (with its batch size in the batch-size table)."""
+    if experiment != "baseline":
+        return level
+    return "baseline (bs=64)" if factor == "batch_size" else "baseline"
 
 
 # ---------------------------------------------------------------------------------------------------------

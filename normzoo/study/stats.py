@@ -4,6 +4,9 @@ Cells, comparisons and the scoreboard
 -------------------------------------
 A *cell* is every run of one (dataset, experiment, level, model, variant): one run per seed. Its accuracy is
 the mean of the runs' ``test_acc``, its *spread* the sample standard deviation over seeds (0 with one seed).
+Every such number comes from one aggregation: :func:`runs_frame` puts the records into a pandas table (one
+row per run) and :func:`cell_stats` reduces it with one ``groupby(...).agg(...)``; a value that is missing or
+not finite (a diverged run) is left out of every mean and sd, a mean of nothing is ``nan``.
 
 A *comparison* sets a normalization variant against vanilla in the same (dataset, experiment, level, model)::
 
@@ -39,21 +42,26 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "CEILING",
+    "CELL_KEYS",
     "CLAIMS",
     "MEASURES",
+    "METRICS",
     "VERDICTS",
     "Cell",
     "Claim",
     "Comparison",
     "Finding",
     "Score",
+    "cell_stats",
     "cells",
     "claims_for",
     "compare",
@@ -62,6 +70,7 @@ __all__ = [
     "findings",
     "finite_mean",
     "overhead_table",
+    "runs_frame",
     "scoreboard",
 ]
 
@@ -78,8 +87,9 @@ _EPS = 1e-9
 def finite_mean(values: Iterable[float | None]) -> float:
     """The mean of the finite values (``None``, ``nan`` and infinities left out); ``nan`` when none is left.
 
-    The one mean of the study's numbers: a diverged run's ``nan`` never poisons an average silently, and an
-    average of nothing is ``nan``, never 0.
+    The rule of :func:`cell_stats` for the lists outside the runs table (a monitor's history, the epochs to a
+    target): a diverged run's ``nan`` never poisons an average silently, and an average of nothing is ``nan``,
+    never 0.
 
     Example:
         >>> finite_mean([1.0, None, float("nan"), 3.0]), finite_mean([])
@@ -91,9 +101,105 @@ def finite_mean(values: Iterable[float | None]) -> float:
 
 _mean = finite_mean
 
+#: The fields that make a run's cell, in the order of :func:`cells`' keys: its runs differ by seed alone.
+CELL_KEYS = ("dataset", "experiment", "level", "model", "variant")
+#: The per-run numbers of :func:`runs_frame`'s table, which :func:`cell_stats` summarizes.
+METRICS = ("test_acc", "best_val_acc", "epochs", "epoch_time_s", "epoch_cpu_time_s", "fit_time_s")
+#: The columns of :func:`runs_frame` that say which run a row is; every other column is a metric.
+_ID_COLUMNS = (*CELL_KEYS, "seed", "batch_size")
 
-def _sd(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) >= 2 else 0.0
+
+def _pandas() -> Any:
+    from normzoo.lightning._imports import import_optional
+
+    return import_optional("pandas", extra="study", feature="the study's statistics")
+
+
+def _number(record: Record, name: str, index: int) -> float:
+    """``record[name]`` as a float; ``nan`` when it is missing or not finite (pandas skips ``nan``)."""
+    value = record.get(name)
+    if value is None:
+        return math.nan
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"run record {index} ({record.get('experiment')}:{record.get('level')} {record.get('variant')} "
+            f"seed {record.get('seed')}) has {name}={value!r}, which is not a number: fix or remove it in "
+            "results.json"
+        ) from None
+    return number if math.isfinite(number) else math.nan
+
+
+def runs_frame(records: Iterable[Record], metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """The records as a table, the one input of the study's statistics: one row per run, row ``i`` record ``i``.
+
+    Columns: :data:`CELL_KEYS` (strings), ``seed`` and ``batch_size`` (integers; the batch size of the run's
+    recipe, 0 when it has none), then one float column per name in ``metrics``, ``nan`` where the record has
+    no value or a non-finite one (a diverged run), so that pandas' reductions, which skip ``nan``, leave it out.
+
+    Raises:
+        ValueError: a record lacks one of :data:`CELL_KEYS`, or a metric is not a number.
+
+    Example:
+        >>> runs = [{"dataset": "d", "experiment": "baseline", "level": "baseline", "model": "mlp",
+        ...          "variant": "vanilla", "seed": s, "test_acc": acc} for s, acc in enumerate((0.9, None))]
+        >>> runs_frame(runs, metrics=("test_acc",))[["variant", "seed", "batch_size", "test_acc"]]
+           variant  seed  batch_size  test_acc
+        0  vanilla     0           0       0.9
+        1  vanilla     1           0       NaN
+    """
+    pd = _pandas()
+    rows = []
+    for i, r in enumerate(records):
+        missing = [k for k in CELL_KEYS if k not in r]
+        if missing:
+            raise ValueError(
+                f"run record {i} has no {', '.join(map(repr, missing))}: every run of a normzoo study names its "
+                f"{', '.join(CELL_KEYS)} (is this a normzoo results.json?)"
+            )
+        rows.append(
+            [
+                *(str(r[k]) for k in CELL_KEYS),
+                int(r.get("seed", 0)),
+                int((r.get("recipe") or {}).get("batch_size") or 0),
+                *(_number(r, m, i) for m in metrics),
+            ]
+        )
+    frame = pd.DataFrame(rows, columns=[*_ID_COLUMNS, *metrics])
+    return frame.astype({"seed": "int64", "batch_size": "int64", **dict.fromkeys(metrics, "float64")})
+
+
+def cell_stats(frame: pd.DataFrame, by: Sequence[str] = CELL_KEYS) -> pd.DataFrame:
+    """The statistics of :func:`runs_frame`'s table per group of ``by`` (default: per cell), from one
+    ``groupby(...).agg(...)``: the one place where the study averages over seeds.
+
+    One row per group, in the order of first appearance, indexed by ``by``; the columns are ``n`` (runs),
+    ``seeds`` (a sorted tuple) and, for each metric column ``m``, ``m_mean`` and ``m_sd``: the mean and the
+    sample standard deviation (ddof 1) of the finite values. A mean of no value is ``nan``; the sd of fewer
+    than two values is 0 (no spread is known), as in :func:`compare`.
+
+    Example:
+        >>> runs = [{"dataset": "d", "experiment": "baseline", "level": "baseline", "model": "mlp",
+        ...          "variant": "vanilla", "seed": s, "test_acc": acc}
+        ...         for s, acc in enumerate((0.90, 0.94, float("nan")))]
+        >>> row = cell_stats(runs_frame(runs, metrics=("test_acc",))).to_dict("records")[0]
+        >>> row["n"], row["seeds"], round(row["test_acc_mean"], 2), round(row["test_acc_sd"], 4)
+        (3, (0, 1, 2), 0.92, 0.0283)
+    """
+    metrics = [c for c in frame.columns if c not in _ID_COLUMNS]
+    named: dict[str, tuple[str, Any]] = {"n": ("seed", "size"), "seeds": ("seed", _sorted_tuple)}
+    for m in metrics:  # pandas' mean and std skip nan: runs_frame made every non-finite value nan
+        named[f"{m}_mean"] = (m, "mean")
+        named[f"{m}_sd"] = (m, "std")
+    out = frame.groupby(list(by), sort=False).agg(**named)
+    sds = [f"{m}_sd" for m in metrics]
+    out[sds] = out[sds].fillna(0.0)  # pandas' sample sd of one value is nan; the study's is 0
+    return out
+
+
+def _sorted_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(sorted(int(v) for v in values))
 
 
 def _capped(record: Record) -> bool:
@@ -113,7 +219,11 @@ def _capped(record: Record) -> bool:
 
 @dataclass(frozen=True)
 class Cell:
-    """Every run (one per seed) of one dataset, experiment, level, model and variant."""
+    """Every run (one per seed) of one dataset, experiment, level, model and variant.
+
+    Its statistics are its row of :func:`cell_stats`: :func:`cells` passes them in ``stats``, and a Cell built
+    by hand aggregates its own runs the same way.
+    """
 
     dataset: str
     experiment: str
@@ -121,15 +231,43 @@ class Cell:
     model: str
     variant: str
     runs: tuple[Record, ...]
+    #: this cell's row of :func:`cell_stats`: ``n``, ``seeds``, ``<metric>_mean`` and ``<metric>_sd``
+    stats: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.stats:
+            object.__setattr__(self, "stats", self._aggregate(METRICS))
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.dataset, self.experiment, self.level, self.model, self.variant)
+
+    def _aggregate(self, metrics: Sequence[str]) -> dict[str, Any]:
+        if not self.runs:  # what cell_stats gives a group without a finite value: no mean, no spread
+            return {
+                "n": 0,
+                "seeds": (),
+                **{f"{m}_mean": math.nan for m in metrics},
+                **{f"{m}_sd": 0.0 for m in metrics},
+            }
+        identity = dict(zip(CELL_KEYS, self.key, strict=True))  # the cell says which runs it holds
+        frame = runs_frame([{**r, **identity} for r in self.runs], metrics)
+        return dict(cell_stats(frame).to_dict("records")[0])
+
+    def _stat(self, name: str, stat: str) -> float:
+        row = self.stats if f"{name}_{stat}" in self.stats else self._aggregate((name,))  # not in METRICS
+        return float(row[f"{name}_{stat}"])
 
     def values(self, name: str) -> list[float]:
         return [float(r[name]) for r in self.runs if r.get(name) is not None]
 
     def mean(self, name: str = "test_acc") -> float:
-        return _mean(self.values(name))
+        """The mean of ``name`` over the runs' finite values (:func:`cell_stats`); ``nan`` if none."""
+        return self._stat(name, "mean")
 
     def sd(self, name: str = "test_acc") -> float:
-        return _sd(self.values(name))
+        """The sample sd of ``name`` over the runs' finite values (:func:`cell_stats`); 0 for fewer than two."""
+        return self._stat(name, "sd")
 
     @property
     def n(self) -> int:
@@ -152,14 +290,20 @@ class Cell:
 
 
 def cells(records: Iterable[Record]) -> dict[tuple[str, str, str, str, str], Cell]:
-    """The records grouped by (dataset, experiment, level, model, variant), runs sorted by seed."""
-    groups: dict[tuple[str, str, str, str, str], list[Record]] = defaultdict(list)
-    for r in records:
-        key = (str(r["dataset"]), str(r["experiment"]), str(r["level"]), str(r["model"]), str(r["variant"]))
-        groups[key].append(r)
+    """The records grouped by :data:`CELL_KEYS` in the order of first appearance, runs sorted by seed, each
+    cell with its row of :func:`cell_stats`."""
+    records = list(records)
+    frame = runs_frame(records)
+    if frame.empty:
+        return {}
+    summary: dict[tuple[str, str, str, str, str], dict[str, Any]] = cell_stats(frame).to_dict("index")
+    members = frame.groupby(list(CELL_KEYS), sort=False).indices
+    seed = frame["seed"].tolist()
+    # sorted is stable: runs of the same seed keep the records' order
+    by_seed = {key: sorted(rows, key=seed.__getitem__) for key, rows in members.items()}
     return {
-        key: Cell(*key, runs=tuple(sorted(runs, key=lambda r: int(r.get("seed", 0)))))
-        for key, runs in groups.items()
+        key: Cell(*key, runs=tuple(records[i] for i in by_seed[key]), stats=row)
+        for key, row in summary.items()
     }
 
 
@@ -309,28 +453,18 @@ def overhead_table(records: Iterable[Record], measure: str | None = None) -> lis
         >>> row["batch_size"], row["measure"], round(row["overhead"]["batchnorm"], 2)
         (64, 'wall', 0.2)
     """
-    import pandas as pd
-
     used = [r for r in records if r["experiment"] in ("baseline", "batch_size")]
     measure = measure or time_measure(used)
     field_name = "epoch_cpu_time_s" if measure == "cpu" else "epoch_time_s"
-    frame = pd.DataFrame(
-        {
-            "dataset": str(r["dataset"]),
-            "model": str(r["model"]),
-            "variant": str(r["variant"]),
-            "batch_size": int((r.get("recipe") or {}).get("batch_size", 0)),
-            "time": pd.to_numeric(r.get(field_name), errors="coerce"),
-        }
-        for r in used
-    )
-    if frame.empty:
+    if not used:
         return []
-    # mean over seeds, the same finite-only mean as everywhere in the study (pandas skips NaN)
-    times = frame.groupby(["dataset", "model", "batch_size", "variant"])["time"].mean().unstack("variant")
+    # the mean over seeds of cell_stats, by batch size: the baseline is the batch-size factor's 64
+    by = ["dataset", "model", "batch_size", "variant"]
+    times = cell_stats(runs_frame(used, (field_name,)), by)[f"{field_name}_mean"].unstack("variant")
+    times = times.sort_index().sort_index(axis=1)
     out = []
     for (dataset, model, bs), row in times.iterrows():
-        time = {str(v): float(t) for v, t in row.items() if pd.notna(t)}
+        time = {str(v): float(t) for v, t in row.items() if not math.isnan(t)}
         base = time.get("vanilla")
         overhead = {v: t / base - 1.0 for v, t in time.items() if v != "vanilla" and base}
         out.append(
