@@ -7,7 +7,10 @@ The pieces, from data to report:
 - :mod:`.config`: the same settings from a TOML or JSON file;
 - :mod:`.runner`: trains each run with Lightning, caches it in ``OUT/runs/<key>.json``, resumes, shows a
   progress bar, writes ``OUT/results.json``;
-- :mod:`.stats`: the numbers of the report (means and spreads over seeds, the scoreboard, the verdicts);
+- :mod:`.stats`: the numbers of the report: the runs as one pandas table and its per-cell means and spreads
+  over seeds (:func:`~.stats.runs_frame`, :func:`~.stats.cell_stats`), the scoreboard, the claims and their
+  verdicts;
+- :mod:`.renorm`: what Batch Renormalization did during a run (``r``, ``d`` at their clip bounds);
 - :mod:`.report`: ``report.md``, ``report.html`` and the figures, from ``results.json`` alone;
 - :mod:`.cli`: the ``normzoo`` command.
 
