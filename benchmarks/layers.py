@@ -20,6 +20,10 @@ normzoo BatchRenorm2d (r_max=3, d_max=5)  ``normzoo.BatchRenorm2d(schedule=None)
 normzoo BatchRenorm2d (paper, warm-up)    ``normzoo.BatchRenorm2d()``: the paper's schedule in its first 5k
                                           steps (r_max=1, d_max=0 as device tensors)
 normzoo NoisyBatchNorm2d                  ``normzoo.NoisyBatchNorm2d()`` with its default noise
+normzoo BatchNorm2d (skip_nonfinite)      ``normzoo.BatchNorm2d(skip_nonfinite=True)``: the guard against
+                                          non-finite batch statistics, on finite input (its normal path)
+normzoo BatchRenorm2d (r_max=3, d_max=5,  the same guard on Batch Renormalization's full correction path
+skip_nonfinite)
 naive BatchRenorm2d (autograd)            Batch Renormalization written with elementwise torch ops, as
                                           public implementations do (defined below): for comparison only
 ========================================  ===============================================================
@@ -153,6 +157,16 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("normzoo BatchRenorm2d (paper, warm-up)", lambda c: nz.BatchRenorm2d(c), Target(1.5, 1.25)),
     Variant(
         "normzoo NoisyBatchNorm2d", lambda c: nz.NoisyBatchNorm2d(c), Target(1.0, 1.25, DROPOUT_REFERENCE)
+    ),
+    Variant(
+        "normzoo BatchNorm2d (skip_nonfinite)",
+        lambda c: nz.BatchNorm2d(c, skip_nonfinite=True),
+        Target(1.05, 1.0),
+    ),
+    Variant(
+        "normzoo BatchRenorm2d (r_max=3, d_max=5, skip_nonfinite)",
+        lambda c: nz.BatchRenorm2d(c, r_max=3.0, d_max=5.0, schedule=None, skip_nonfinite=True),
+        Target(1.5, 1.25),
     ),
     Variant("naive BatchRenorm2d (autograd)", lambda c: NaiveBatchRenorm2d(c)),
 )
