@@ -1030,6 +1030,13 @@ def _terminate_workers(pool: Any) -> None:
 
 def _ray_task(spec: RunSpec, config: StudyConfig) -> Outcome:
     """One run as a Ray task: the worker's torch threads set as a local worker's are, then :func:`_attempt`."""
+    # Ctrl-C in a terminal reaches the workers of a local Ray instance too (they share its process group):
+    # the study's process answers it by cancelling the tasks, and a task that also stopped on its own raced
+    # with that cancellation (seen once: Ray 2.60 aborted the study's process in a failed check, "Tried to
+    # complete task that was not pending", and left two of its agents running). On a cluster started with
+    # `ray start` the workers never get the terminal's Ctrl-C; now they do not on a laptop either.
+    with contextlib.suppress(ValueError):  # not the main thread: Ray runs a task in it, but keep it safe
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_init(config.threads)
     return _attempt(spec, config)
 
