@@ -4,15 +4,20 @@ Settings come from the preset (``--preset``, ``quick`` by default), then a confi
 the options given on the command line, each overriding the one before. ``--factors``, ``--models`` and
 ``--variants`` narrow the preset's grid; ``--preset full`` starts from the whole grid.
 
+``--executor ray`` trains each run as a task of a Ray cluster (``pip install "normzoo[ray]"``): the same
+command on a laptop (a local Ray instance) and on a cluster (``ray start``, ``--ray-address``).
+
 Exit status: 0 when the study and its report are written, 1 when some runs failed (the others and the
 report are written; a rerun retries the failed ones), 2 for a usage error (unknown name, bad value, missing
-file or dataset), 130 when interrupted (the finished runs are kept: run the same command again to resume).
+file or dataset, Ray not installed or not reachable), 130 when interrupted by Ctrl-C and 143 when stopped by
+SIGTERM (the finished runs are kept: run the same command again to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config_file, merge_config
-from .grid import DATASETS, FACTORS, MODELS, PRESETS, VARIANTS, StudyConfig, build_plan
+from .grid import DATASETS, EXECUTORS, FACTORS, MODELS, PRESETS, VARIANTS, StudyConfig, build_plan
 
 __all__ = ["build_parser", "main", "study_config_from_args"]
 
@@ -30,6 +35,7 @@ examples:
   normzoo study --preset full --accelerator gpu --out runs/full
   normzoo study --factors baseline,activation:sigmoid,batch_size --variants vanilla,batchnorm,renorm
   normzoo study --dataset cifar10 --data-root ~/data --models cnn --seeds 0,1,2
+  normzoo study --preset full --executor ray --accelerator gpu   # one Ray task per run (docs/study.md)
   normzoo study --config study.toml                # settings from a TOML/JSON file (see docs/study.md)
   normzoo study --list                             # the presets, factors, levels, variants, models, datasets
   normzoo study --report-only --out DIR            # rewrite the report from DIR/results.json
@@ -162,7 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least(1),
         metavar="N",
         help="runs trained side by side in worker processes (default: the number of CPU cores); the "
-        "results are the same as with --workers 1",
+        "results are the same as with --workers 1. With --executor ray: the most runs in flight at once "
+        "(default: as many as the cluster's resources allow)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        help="where the runs are trained: local (this machine, --workers processes; the default) or ray "
+        '(one task per run on a Ray cluster; pip install "normzoo[ray]"); the results are the same',
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster of --executor ray, e.g. HEAD:6379 (default: RAY_ADDRESS, else a cluster "
+        "started with `ray start` on this machine, else a local Ray instance for this study)",
     )
     p.add_argument(
         "--limit-train-batches", type=_at_least(1), metavar="N", help="train on at most N batches per epoch"
@@ -261,32 +280,44 @@ def _study(args: argparse.Namespace) -> int:
             )
         print(f"{len(plan)} runs")
         return 0
-    from .runner import StudyFolderInUseError, check_output_folder, run_study
+    from .runner import (
+        DataNotFoundError,
+        StudyFolderInUseError,
+        check_executor,
+        check_output_folder,
+        run_study,
+    )
 
     try:
-        check_output_folder(out)  # before any training: a bad --out is found in a second, not an hour
-    except ValueError as error:
+        check_executor(config)  # before any training: Ray missing is found in a second, not after an hour
+        check_output_folder(out)  # the same for a bad --out
+    except (ImportError, ValueError) as error:
         return _error(error)
     start = time.perf_counter()
     print(
         f"normzoo study: preset {config.preset}, dataset {config.dataset}, {len(plan)} runs, "
-        f"seeds {config.effective_seeds}, up to {config.effective_max_epochs} epochs, output {out}/",
+        f"seeds {config.effective_seeds}, up to {config.effective_max_epochs} epochs, output {out}/"
+        + (" (executor ray)" if config.executor == "ray" else ""),
         file=sys.stderr,
     )
     try:
         result = run_study(config, plan=plan)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (runner.StudyInterrupted)
+        signum = int(getattr(interrupt, "signum", signal.SIGINT))
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         print(
-            f"\ninterrupted: the finished runs are cached in {out / 'runs'}; run the same command again to resume",
+            f"\n{what}: the finished runs are cached in {out / 'runs'}; run the same command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signum
+    except DataNotFoundError as error:  # a Ray worker's node has no copy of the data folder
+        return _error(error)
     except FileNotFoundError as error:  # a dataset that is not on disk
         return _error(
             f"{error}\n(on the command line: --data-root DIR names the folder, --download fetches it)"
         )
-    except (ImportError, StudyFolderInUseError) as error:  # a missing optional package; a folder in use
-        return _error(error)
+    except (ImportError, StudyFolderInUseError, ConnectionError) as error:
+        return _error(error)  # a missing optional package; a folder in use; a Ray cluster out of reach
     paths = write_report(out, figures=config.figures, draw_margin=config.draw_margin)
     elapsed = time.perf_counter() - start
     print(

@@ -23,6 +23,7 @@ from typing import Any
 __all__ = [
     "BASELINE",
     "DATASETS",
+    "EXECUTORS",
     "FACTORS",
     "MODELS",
     "PRESETS",
@@ -96,6 +97,9 @@ VARIANTS: dict[str, str | None] = {
     "renorm": "renorm",
     "noisy": "noisy",
 }
+
+#: Where the runs are trained: in this process and its worker processes, or as the tasks of a Ray cluster.
+EXECUTORS = ("local", "ray")
 
 #: Models of the seed experiments (built by :mod:`normzoo.models`).
 MODELS: dict[str, str] = {
@@ -398,8 +402,15 @@ class StudyConfig:
     threads: int | None = 1
     batch_sizes: list[int] | None = None
     limit_train_batches: int | None = None
-    #: worker processes training runs side by side (``None``: the number of CPU cores, at most the runs)
+    #: worker processes training runs side by side (``None``: the number of CPU cores, at most the runs); with
+    #: the Ray executor, the most runs in flight at once (``None``: as many as the cluster's resources allow)
     workers: int | None = None
+    #: where the runs are trained: ``"local"`` (this process or its worker processes) or ``"ray"`` (tasks
+    #: of a Ray cluster, see docs/study.md); the results are the same
+    executor: str = "local"
+    #: the Ray cluster to connect to (``None``: Ray's own resolution: ``RAY_ADDRESS``, a cluster started with
+    #: ``ray start`` on this machine, else a local instance started for the study and shut down after it)
+    ray_address: str | None = None
     progress: bool = True
     force: bool = False
     figures: bool = True
@@ -451,6 +462,8 @@ class StudyConfig:
                 raise ValueError(f"batch sizes must be at least 2 (BatchNorm needs 2 samples), got {b}")
         if not 0 <= self.draw_margin < 1:
             raise ValueError(f"draw_margin must be in [0, 1), got {self.draw_margin}")
+        if self.executor not in EXECUTORS:
+            raise unknown_name_error("executor", self.executor, EXECUTORS)
         if self.accelerator not in ("cpu", "gpu", "cuda", "mps", "auto"):
             raise unknown_name_error("accelerator", self.accelerator, ("cpu", "gpu", "cuda", "mps", "auto"))
 

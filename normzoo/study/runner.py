@@ -5,6 +5,11 @@ determines its result (:func:`run_key`): a rerun loads those files instead of tr
 that was interrupted resumes with the runs that have no file yet. A run file is written atomically (a
 temporary file renamed into place), so an interruption never leaves a half-written result behind.
 
+The runs are trained by an *executor*: ``local`` trains them in this process or in ``--workers`` spawned
+worker processes, ``ray`` as the tasks of a Ray cluster (one task per run). Either way each run is one call
+of :func:`_attempt`, and only the study's own process writes ``OUT``: caching, resume, the failed-run
+reports and the progress bar are the same code for both.
+
 The training is the seed's recipe through :class:`normzoo.lightning.ClassificationModule` (SGD + Nesterov,
 reduce-on-plateau halving) and Lightning's ``EarlyStopping`` on the validation loss. After training the
 weights of the epoch with the best validation accuracy are restored and evaluated on the test set.
@@ -13,6 +18,7 @@ weights of the epoch with the best validation accuracy are restored and evaluate
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -21,11 +27,13 @@ import math
 import os
 import platform
 import signal
+import socket
 import sys
+import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,14 +41,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .grid import PRESETS, RunSpec, StudyConfig, build_plan
+from .grid import BASELINE, PRESETS, VARIANTS, RunSpec, StudyConfig, build_plan
 
 __all__ = [
     "REQUIRED_FIELDS",
     "RUN_SCHEMA",
+    "DataNotFoundError",
     "StudyFolderInUseError",
+    "StudyInterrupted",
     "StudyLock",
     "StudyResult",
+    "check_executor",
     "check_output_folder",
     "load_run",
     "run_key",
@@ -59,7 +70,45 @@ _log = logging.getLogger("normzoo.study")
 
 
 def run_identity(spec: RunSpec, config: StudyConfig) -> dict[str, Any]:
-    """Everything that determines the result of ``spec``: the data of its cache key."""
+    """Everything that determines the result of ``spec``: the data of its cache key.
+
+    A recipe setting that ``spec`` never reads (:func:`relevant_recipe`) does not count: the same vanilla run
+    at batch 4 has one key whatever the normalization momentum of the plan's normalized runs.
+    """
+    return _identity(spec, config, relevant_recipe(spec))
+
+
+def relevant_recipe(spec: RunSpec) -> dict[str, Any]:
+    """``spec.recipe`` as :meth:`~normzoo.study.grid.Recipe.as_dict`, each setting the run does not read
+    replaced by the baseline's value: ``norm_momentum`` of a vanilla run (it has no norm layer), ``init_std``
+    unless ``init="normal"``, SGD's ``momentum`` and ``nesterov`` with Adam/AdamW, ``nesterov`` at momentum 0.
+
+    Replacing (rather than dropping) keeps the cache key of every run that has those settings at the
+    baseline's values the key it had before this rule existed.
+
+    Example:
+        >>> from normzoo.study.grid import BASELINE, FACTORS, RunSpec
+        >>> bs4 = FACTORS["batch_size"].levels[1]  # batch 4, with a smaller norm momentum
+        >>> def spec(variant):
+        ...     return RunSpec(bs4, "mlp", variant, 0, BASELINE.replace(**bs4.params))
+        >>> relevant_recipe(spec("batchnorm"))["norm_momentum"], "norm_momentum" in relevant_recipe(spec("vanilla"))
+        (0.00625, False)
+    """
+    r = spec.recipe
+    unused: dict[str, Any] = {}
+    if VARIANTS.get(spec.variant, spec.variant) is None:
+        unused["norm_momentum"] = BASELINE.norm_momentum
+    if r.init != "normal":
+        unused["init_std"] = BASELINE.init_std
+    if r.optimizer != "sgd":
+        unused["momentum"] = BASELINE.momentum
+        unused["nesterov"] = BASELINE.nesterov
+    elif r.momentum == 0:
+        unused["nesterov"] = BASELINE.nesterov
+    return r.replace(**unused).as_dict()
+
+
+def _identity(spec: RunSpec, config: StudyConfig, recipe: dict[str, Any]) -> dict[str, Any]:
     preset = config.preset_obj
     return {
         "schema": RUN_SCHEMA,
@@ -68,7 +117,7 @@ def run_identity(spec: RunSpec, config: StudyConfig) -> dict[str, Any]:
         "model_kwargs": _jsonable(dict(preset.model_kwargs.get(spec.model, {}))),
         "variant": spec.variant,
         "seed": spec.seed,
-        "recipe": spec.recipe.as_dict(),
+        "recipe": recipe,
         "max_epochs": config.effective_max_epochs,
         "max_steps": config.effective_max_steps,
         "limit_train_batches": config.effective_limit_train_batches,
@@ -90,7 +139,18 @@ def run_key(spec: RunSpec, config: StudyConfig) -> str:
         >>> run_key(a, cfg) == run_key(a, cfg), run_key(a, cfg) == run_key(b, cfg), len(run_key(a, cfg))
         (True, False, 16)
     """
-    text = json.dumps(run_identity(spec, config), sort_keys=True, separators=(",", ":"))
+    return _hash(run_identity(spec, config))
+
+
+def _legacy_run_key(spec: RunSpec, config: StudyConfig) -> str | None:
+    """The key ``spec`` had before :func:`relevant_recipe` (whole recipe), or ``None`` where it is the same:
+    a cache written by an older normzoo still loads (see :func:`_load_cached`)."""
+    old = _hash(_identity(spec, config, spec.recipe.as_dict()))
+    return None if old == run_key(spec, config) else old
+
+
+def _hash(identity: Mapping[str, Any]) -> str:
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -350,14 +410,15 @@ class _Data:
             from normzoo.lightning.data import get_datamodule
 
             kwargs: dict[str, Any] = {"batch_size": batch_size, "eval_batch_size": 512}
-            if self.config.dataset not in ("digits", "mnist1d"):
+            if self.config.dataset not in _GENERATED_DATASETS:
                 kwargs["root"] = self.config.data_root or "data"
                 kwargs["download"] = self.config.download
             if _accelerator_name(self.config.accelerator) != "cpu":
                 kwargs["pin_memory"] = True
-            self._dm = get_datamodule(self.config.dataset, **kwargs)
-            self._dm.prepare_data()
-            self._dm.setup("fit")
+            dm = get_datamodule(self.config.dataset, **kwargs)
+            dm.prepare_data()
+            dm.setup("fit")
+            self._dm = dm  # only once it is set up: a missing folder raises again on the next call
         dm = self._dm
         dm.batch_size = batch_size
         dm.classes_per_batch = classes_per_batch
@@ -580,9 +641,11 @@ def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> di
             trainer.fit(module, datamodule=dm)
         except SystemExit as exc:
             # Lightning turns Ctrl-C into a "graceful shutdown" that ends in sys.exit(1): give the caller the
-            # KeyboardInterrupt back, so that the study can say how to resume.
+            # KeyboardInterrupt back (the very one, a StudyInterrupted for SIGTERM), so that the study can say
+            # how to resume.
             if trainer.interrupted:
-                raise KeyboardInterrupt from exc
+                original = exc.__context__
+                raise (original if isinstance(original, KeyboardInterrupt) else KeyboardInterrupt()) from exc
             raise
         finally:
             with contextlib.suppress(ValueError, TypeError):  # not the main thread / no Python handler
@@ -738,11 +801,20 @@ def _format_seconds(seconds: float) -> str:
 def run_study(config: StudyConfig, *, plan: Sequence[RunSpec] | None = None) -> StudyResult:
     """Run (or load from the cache) every run of the study and write ``results.json``.
 
-    Runs whose file exists in ``OUT/runs/`` are loaded, not trained (unless ``config.force``). The progress
-    bar (tqdm, on stderr) shows runs done and an estimate of the time left. A run that raises is listed in
-    :attr:`StudyResult.failed` (its traceback in ``OUT/runs/<key>.error.txt``) and the study goes on; a
-    rerun retries it. ``KeyboardInterrupt`` stops the study (the finished runs stay cached).
+    Runs whose file exists in ``OUT/runs/`` are loaded, not trained (unless ``config.force``). The others are
+    trained by ``config.executor`` (``"local"``: this process or ``config.workers`` worker processes;
+    ``"ray"``: one task per run on a Ray cluster, see :func:`check_executor`); either way this process alone
+    writes ``OUT``. The progress bar (tqdm, on stderr) shows runs done and an estimate of the time left. A run
+    that raises is listed in :attr:`StudyResult.failed` (its traceback in ``OUT/runs/<key>.error.txt``) and
+    the study goes on; a rerun retries it. ``KeyboardInterrupt`` (Ctrl-C) stops the study, and so does
+    SIGTERM where its disposition is the default (it raises :class:`StudyInterrupted`): the worker processes
+    or Ray tasks in flight are stopped and the finished runs stay cached.
+
+    Raises:
+        ImportError: ``config.executor == "ray"`` and Ray is not installed (before any run).
+        DataNotFoundError: a Ray worker's node has no copy of the dataset's folder.
     """
+    check_executor(config)
     plan = list(plan) if plan is not None else build_plan(config)
     if not plan:
         raise ValueError(
@@ -759,6 +831,68 @@ def run_study(config: StudyConfig, *, plan: Sequence[RunSpec] | None = None) -> 
         return _run_locked(config, plan, out, runs_dir)
 
 
+def check_executor(config: StudyConfig) -> None:
+    """Raise ``ImportError`` with the command that installs it when ``config.executor`` needs a missing
+    package (Ray for ``"ray"``); :func:`run_study` calls it before anything else.
+
+    Example:
+        >>> check_executor(StudyConfig(executor="local"))  # needs nothing
+    """
+    if config.executor == "ray":
+        _import_ray()
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(
+            '--executor ray needs Ray, which is not installed here: pip install "normzoo[ray]" (on every '
+            "node of the cluster), or use --executor local"
+        ) from None
+    return ray
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """The study's process received ``signum`` (SIGTERM): raised in its main thread, it stops the study exactly
+    as Ctrl-C does (a ``KeyboardInterrupt``), and the command exits with ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_stops_study() -> Iterator[None]:
+    """While the study runs, SIGTERM raises :class:`StudyInterrupted` instead of ending the process at once
+    (which left the worker processes training). Only the default disposition is replaced: a handler the
+    caller installed, or an ignored SIGTERM, is theirs to keep. Signals reach the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        yield
+        return
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise StudyInterrupted(signum)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt as error:
+        # code between the handler and here may raise a KeyboardInterrupt of its own instead (Ray's wait
+        # turns any exception of a signal handler into a new one): the caller still learns it was SIGTERM
+        if received and not isinstance(error, StudyInterrupted):
+            raise StudyInterrupted(received[-1]) from error
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_locked(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Path) -> StudyResult:
     # leave the caller's process as it was: thread count and the variables that seed_everything sets
     threads_before = torch.get_num_threads()
@@ -766,7 +900,8 @@ def _run_locked(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: P
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _run_plan(config, plan, out, runs_dir)
+        with _sigterm_stops_study():
+            return _run_plan(config, plan, out, runs_dir)
     finally:
         torch.set_num_threads(threads_before)
         for name, value in env_before.items():
@@ -788,8 +923,27 @@ def default_workers(config: StudyConfig) -> int:
         return os.cpu_count() or 1
 
 
-#: one data module per worker process, built on its first run
-_WORKER_DATA: dict[str, _Data] = {}
+class DataNotFoundError(FileNotFoundError):
+    """A worker of the study (a Ray task on another node) found no copy of the dataset where the study's
+    process read it: torchvision datasets are read from ``--data-root`` at the same path on every node."""
+
+
+def _for_workers(config: StudyConfig) -> StudyConfig:
+    """``config`` as it is sent to worker processes and Ray tasks: what this process resolves by looking at
+    itself resolved here, so that a worker elsewhere trains (and keys) the same run. ``accelerator="auto"``
+    becomes what it means here, and the data folder an absolute path (a Ray worker on another node does not
+    run in this process's working directory)."""
+    changes: dict[str, Any] = {"accelerator": _accelerator_name(config.accelerator)}
+    if config.dataset not in _GENERATED_DATASETS:
+        changes["data_root"] = str(Path(config.data_root or "data").expanduser().absolute())
+    return dataclasses.replace(config, **changes)
+
+
+#: datasets made on the machine that trains (no folder to read): nothing to share between nodes
+_GENERATED_DATASETS = ("digits", "mnist1d")
+
+#: one data module per worker process (and its data settings), built on its first run
+_WORKER_DATA: dict[tuple[Any, ...], _Data] = {}
 
 
 def _worker_init(threads: int | None) -> None:
@@ -797,13 +951,35 @@ def _worker_init(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _attempt(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> tuple[str, Any, str]:
-    """Train ``spec``: ``("ok", record, "")``, or ``("error", "Type: message", traceback)`` when it raised.
+def _node_name() -> str:
+    """This machine, as a message to the user names it: the host name, and the node's IP inside Ray."""
+    host = socket.gethostname()
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        with contextlib.suppress(Exception):
+            if ray.is_initialized():
+                return f"node {host} ({ray.util.get_node_ip_address()})"
+    return f"node {host}"
 
-    Runs in the study's process or in a worker; in a worker the data module is built once per process.
+
+#: what an attempt returns: ``(status, value, traceback)``, status ``"ok"``, ``"error"`` or ``"no-data"``
+Outcome = tuple[str, Any, str]
+
+
+def _attempt(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> Outcome:
+    """Train ``spec``: ``("ok", record, "")``, or ``("error", "Type: message", traceback)`` when it raised,
+    or ``("no-data", message naming this node and the folder, traceback)`` when the dataset is not here.
+
+    Runs in the study's process, in a worker process or in a Ray task; outside the study's process the data
+    module is built once per process (and data settings).
     """
     if data is None:
-        data = _WORKER_DATA.setdefault(config.dataset, _Data(config))
+        key = (config.dataset, config.data_root, config.download, _accelerator_name(config.accelerator))
+        data = _WORKER_DATA.setdefault(key, _Data(config))
+    try:
+        data.get(spec.recipe.batch_size, spec.recipe.classes_per_batch)
+    except FileNotFoundError as error:  # only a worker can get here: the study's process read the data first
+        return "no-data", f"{_node_name()}: {error}", traceback.format_exc()
     try:
         return "ok", run_one(spec, config, data), ""
     except Exception as error:  # one broken run must not cost the others: report it, go on
@@ -812,7 +988,7 @@ def _attempt(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> t
 
 def _attempts(
     config: StudyConfig, plan: list[RunSpec], todo: list[int], data: _Data, workers: int
-) -> Iterator[tuple[int, tuple[str, Any, str]]]:
+) -> Generator[tuple[int, Outcome], None, None]:
     """``(index, outcome of _attempt)`` for every run of ``todo``: in this process one after the other, or in
     ``workers`` worker processes as they finish. Each run is seeded on its own and trains with the same
     number of threads either way, so its record is the same."""
@@ -831,12 +1007,13 @@ def _attempts(
         initargs=(config.threads,),
     )
     try:
-        futures = {pool.submit(_attempt, plan[i], config): i for i in todo}
+        remote = _for_workers(config)
+        futures = {pool.submit(_attempt, plan[i], remote): i for i in todo}
         for future in cf.as_completed(futures):
             yield futures[future], future.result()
     except BaseException:
-        # Ctrl-C (or the caller giving up): the runs in flight are lost either way, and a worker would go on
-        # to the runs already queued for it, so stop the workers now instead of waiting for them
+        # Ctrl-C, SIGTERM (or the caller giving up): the runs in flight are lost either way, and a worker would
+        # go on to the runs already queued for it, so stop the workers now instead of waiting for them
         _terminate_workers(pool)
         raise
     finally:
@@ -844,12 +1021,112 @@ def _attempts(
 
 
 def _terminate_workers(pool: Any) -> None:
-    if hasattr(pool, "terminate_workers"):  # Python 3.14+
-        pool.terminate_workers()
+    # SIGKILL, not SIGTERM: a worker inside Lightning's fit takes SIGTERM as "stop after this epoch" and goes
+    # on for seconds; its run is lost either way
+    if hasattr(pool, "kill_workers"):  # Python 3.14+
+        pool.kill_workers()
         return
     for process in list((getattr(pool, "_processes", None) or {}).values()):
         with contextlib.suppress(Exception):
-            process.terminate()
+            process.kill()
+
+
+def _ray_task(spec: RunSpec, config: StudyConfig) -> Outcome:
+    """One run as a Ray task: the worker's torch threads set as a local worker's are, then :func:`_attempt`."""
+    # Ctrl-C in a terminal reaches the workers of a local Ray instance too (they share its process group):
+    # the study's process answers it by cancelling the tasks, and a task that also stopped on its own raced
+    # with that cancellation (seen once: Ray 2.60 aborted the study's process in a failed check, "Tried to
+    # complete task that was not pending", and left two of its agents running). On a cluster started with
+    # `ray start` the workers never get the terminal's Ctrl-C; now they do not on a laptop either.
+    with contextlib.suppress(ValueError):  # not the main thread: Ray runs a task in it, but keep it safe
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_init(config.threads)
+    return _attempt(spec, config)
+
+
+def ray_resources(config: StudyConfig) -> dict[str, float]:
+    """What each run's Ray task asks for: ``config.threads`` CPUs (1 when unset), and on a GPU its devices.
+
+    Example:
+        >>> ray_resources(StudyConfig(threads=2)), ray_resources(StudyConfig(accelerator="gpu"))
+        ({'num_cpus': 2}, {'num_cpus': 1, 'num_gpus': 1})
+    """
+    resources: dict[str, float] = {"num_cpus": config.threads or 1}
+    if _accelerator_name(config.accelerator) == "gpu":
+        resources["num_gpus"] = config.devices if isinstance(config.devices, int) else 1
+    return resources
+
+
+def _ray_attempts(
+    config: StudyConfig, plan: list[RunSpec], todo: list[int]
+) -> Generator[tuple[int, Outcome], None, None]:
+    """``(index, outcome of _attempt)`` for every run of ``todo``, each trained by one Ray task, as they finish.
+
+    Connects to the Ray instance this process already has, else ``ray.init(address=config.ray_address)``
+    (Ray's own resolution when ``None``: ``RAY_ADDRESS``, a cluster started with ``ray start``, else a new
+    local instance), and shuts down what it started. At most ``config.workers`` tasks are in flight when it
+    is set; otherwise every run is submitted and Ray schedules them by their :func:`ray_resources`. Stopped
+    early (Ctrl-C, SIGTERM, an error of the caller), it cancels the outstanding tasks.
+    """
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            ray.init(address=config.ray_address)
+        except ConnectionError as error:
+            where = config.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
+            raise ConnectionError(
+                f"could not connect to the Ray cluster at {where!r}: {error} (is it running? `ray status` "
+                "on its head node says; without --ray-address and RAY_ADDRESS a local instance is started)"
+            ) from error
+        # ray.init makes SIGTERM a sys.exit: put back the handler that stops the study (or the caller's)
+        with contextlib.suppress(ValueError, TypeError):  # not the main thread / no Python handler
+            signal.signal(signal.SIGTERM, sigterm)
+    pending: dict[Any, int] = {}
+    try:
+        _log.info("Ray: %s", ray.cluster_resources())
+        task = ray.remote(_ray_task).options(**ray_resources(config))
+        remote = ray.put(_for_workers(config))
+        queue = list(todo)
+        limit = config.workers or len(queue)
+        while queue or pending:
+            while queue and len(pending) < limit:
+                i = queue.pop(0)
+                pending[task.remote(plan[i], remote)] = i
+            # a timeout, so that Ctrl-C and SIGTERM are handled within a second
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                i = pending.pop(ref)
+                try:
+                    outcome: Outcome = ray.get(ref)
+                except ray.exceptions.RayError as error:  # the task's worker died (out of memory, a crash)
+                    outcome = ("error", f"{type(error).__name__}: {error}", str(error))
+                yield i, outcome
+    except BaseException:
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _load_cached(runs_dir: Path, key: str, spec: RunSpec, config: StudyConfig) -> dict[str, Any] | None:
+    """The record of ``spec`` in ``runs_dir``, or ``None``. A run cached under its key of an older normzoo
+    (whose key held settings the run does not read, see :func:`relevant_recipe`) is moved to its key."""
+    record = load_run(runs_dir / f"{key}.json")
+    if record is not None:
+        return record
+    old = _legacy_run_key(spec, config)
+    if old is None or (record := load_run(runs_dir / f"{old}.json")) is None:
+        return None
+    record["key"] = key
+    _write_json_atomic(runs_dir / f"{key}.json", record)
+    with contextlib.suppress(OSError):
+        (runs_dir / f"{old}.json").unlink()
+    return record
 
 
 def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Path) -> StudyResult:
@@ -857,7 +1134,7 @@ def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Pat
     records: list[dict[str, Any] | None] = [None] * len(plan)
     todo: list[int] = []
     for i, key in enumerate(keys):
-        record = None if config.force else load_run(runs_dir / f"{key}.json")
+        record = None if config.force else _load_cached(runs_dir, key, plan[i], config)
         if record is None:
             todo.append(i)
         else:
@@ -871,18 +1148,36 @@ def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Pat
         weights = {i: _run_weight(plan[i], config, n_train) for i in todo}
         total_weight = sum(weights.values())
         done_weight = 0.0
-        workers = default_workers(config)
         bar = _progress_bar(len(plan), result.cached, config.progress)
-        if workers > 1:
-            bar.set_description(f"{min(workers, len(todo))} workers")
-        try:
-            for i, (status, value, trace) in _attempts(config, plan, todo, data, workers):
+        one_by_one = False
+        if config.executor == "ray":
+            outcomes = _ray_attempts(config, plan, todo)
+            bar.set_description("ray")
+        else:
+            workers = default_workers(config)
+            outcomes = _attempts(config, plan, todo, data, workers)
+            one_by_one = workers <= 1
+            if not one_by_one:
+                bar.set_description(f"{min(workers, len(todo))} workers")
+        # closing the executor's generator on an exception here (the bar closed after it) stops it at once:
+        # worker processes terminated, Ray tasks cancelled
+        with contextlib.ExitStack() as stack:
+            stack.callback(bar.close)
+            stack.enter_context(contextlib.closing(outcomes))
+            for i, (status, value, trace) in outcomes:
                 spec = plan[i]
-                if workers <= 1:
+                if one_by_one:
                     bar.set_description(
                         f"{spec.model} {spec.experiment}:{spec.level.label} {spec.variant} s{spec.seed}"
                     )
                 error_log = runs_dir / f"{keys[i]}.error.txt"
+                if status == "no-data":
+                    error_log.write_text(trace, encoding="utf-8")
+                    raise DataNotFoundError(
+                        f"{str(value).rstrip('.')}. A worker reads the dataset from the folder this process read it from, at "
+                        f"the same path on every node (--data-root {_for_workers(config).data_root}); copy it "
+                        "there, or mount it, and run the same command again (the finished runs are kept)"
+                    )
                 if status == "error":
                     error_log.write_text(trace, encoding="utf-8")
                     result.failed.append(
@@ -911,17 +1206,19 @@ def _run_plan(config: StudyConfig, plan: list[RunSpec], out: Path, runs_dir: Pat
                 left = elapsed / done_weight * (total_weight - done_weight) if done_weight else 0.0
                 bar.set_postfix_str(f"~{_format_seconds(left)} left", refresh=False)
                 bar.update(1)
-        finally:
-            bar.close()
     result.wall_time_s = time.perf_counter() - t0
 
     for i, record in enumerate(records):
         if record is None:  # a failed run
             continue
         spec = plan[i]
-        # a cached run may have been trained under other labels (same settings): label it as this plan does
+        # a cached run may have been trained under other labels, or with other values of settings it does not
+        # read (relevant_recipe): label it as this plan does
         record.update(
-            experiment=spec.experiment, level=spec.level.label, params=_jsonable(dict(spec.level.params))
+            experiment=spec.experiment,
+            level=spec.level.label,
+            params=_jsonable(dict(spec.level.params)),
+            recipe=spec.recipe.as_dict(),
         )
     result.records = [r for r in records if r is not None]
     write_results(config, result)

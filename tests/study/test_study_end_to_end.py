@@ -21,6 +21,8 @@ from normzoo.study import StudyConfig, build_plan, run_study, write_report
 from normzoo.study.cli import main
 from normzoo.study.runner import run_key
 
+from ._results import comparable_runs
+
 # field -> accepted types (None means the value may be null)
 RECORD_SCHEMA: dict[str, tuple[Any, ...]] = {
     "schema": (int,),
@@ -476,19 +478,6 @@ def test_renorm_differs_from_batchnorm_once_the_scaled_warmup_ends(tiny_study: t
         assert set(rn["renorm"]["after_warmup"]) == {"norm1", "norm2"}
 
 
-def _comparable(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The records without what measures the clock (times, dates, the host's thread count)."""
-    clock = {"epoch_time_s", "epoch_cpu_time_s", "fit_time_s", "finished_at", "time_s", "cpu_s"}
-    return [
-        {
-            k: ([{hk: hv for hk, hv in h.items() if hk not in clock} for h in v] if k == "history" else v)
-            for k, v in r.items()
-            if k not in clock
-        }
-        for r in results["runs"]
-    ]
-
-
 def test_parallel_workers_give_the_sequential_results(tmp_path: Path) -> None:
     selection = {"factors": ["baseline", "lr"], "seeds": [0, 1]}
     sequential = run_study(_tiny(tmp_path / "seq", workers=1, **selection))
@@ -496,7 +485,7 @@ def test_parallel_workers_give_the_sequential_results(tmp_path: Path) -> None:
     assert parallel.trained == sequential.trained == 10
     seq = json.loads((tmp_path / "seq" / "results.json").read_text())
     par = json.loads((tmp_path / "par" / "results.json").read_text())
-    assert _comparable(par) == _comparable(seq)  # bit-identical numbers, in plan order
+    assert comparable_runs(par) == comparable_runs(seq)  # bit-identical numbers, in plan order
     assert sorted(p.name for p in (tmp_path / "par" / "runs").glob("*.json")) == sorted(
         p.name for p in (tmp_path / "seq" / "runs").glob("*.json")
     )
