@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .grid import BASELINE, PRESETS, VARIANTS, RunSpec, StudyConfig, build_plan
+from .grid import BASELINE, NOISY_NOISE, PRESETS, VARIANTS, RunSpec, StudyConfig, build_plan
 
 __all__ = [
     "REQUIRED_FIELDS",
@@ -122,11 +122,20 @@ def _identity(spec: RunSpec, config: StudyConfig, recipe: dict[str, Any]) -> dic
         "max_steps": config.effective_max_steps,
         "limit_train_batches": config.effective_limit_train_batches,
         "accelerator": _accelerator_name(config.accelerator),
-        # what the diagnostics record: True meant internal covariate shift replayed with the same noise
-        "diagnostics": {"ics_randomness": "fresh"} if spec.diagnostics else False,
+        # for a run with random layers, what its diagnostics record depends on how the covariate shift
+        # monitor draws their randomness (True alone was the same noise on every pass)
+        "diagnostics": (
+            {"ics_randomness": "fresh"} if spec.diagnostics and _has_random_layers(spec) else spec.diagnostics
+        ),
         # how Batch Renormalization's schedule is derived (see normzoo.study.renorm)
         "renorm_schedule": "paper, scaled to the run (5/25/40 %)" if spec.variant == "renorm" else None,
+        # noisy BN's noise (a key only noisy runs have, so that every other key stays as it was)
+        **({"noise": _jsonable(NOISY_NOISE)} if spec.variant == "noisy" else {}),
     }
+
+
+def _has_random_layers(spec: RunSpec) -> bool:
+    return spec.variant == "noisy" or spec.recipe.dropout > 0
 
 
 def run_key(spec: RunSpec, config: StudyConfig) -> str:
@@ -485,6 +494,8 @@ def _build_model(spec: RunSpec, config: StudyConfig, dm: Any, schedule: Any = No
         options["momentum"] = r.norm_momentum
     if norm == "renorm" and schedule is not None:
         options["schedule"] = schedule
+    if norm == "noisy":
+        options.update(NOISY_NOISE)
     if norm is not None and options:
         # a partial of the 1d class: get_norm_layer picks the family's 1d/2d/3d class for the model
         families = {"batchnorm": BatchNorm1d, "renorm": BatchRenorm1d, "noisy": NoisyBatchNorm1d}
@@ -741,6 +752,7 @@ def run_one(spec: RunSpec, config: StudyConfig, data: _Data | None = None) -> di
             for h in history.history
         ],
         "diagnostics": _diagnostics_summary([d for d in diagnostics if d is not activity]) or None,
+        "noise": _jsonable(NOISY_NOISE) if spec.variant == "noisy" else None,
         "renorm": None
         if schedule is None or activity is None
         else {

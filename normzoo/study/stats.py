@@ -1106,6 +1106,14 @@ def _f_noisy(ctx: _Ctx) -> Finding:
         involved += [van, noisy]
     f.verdict = _verdict(checks)
     f.caveats = ctx.caveats_for(*involved, ceiling=True)
+    noise = next(
+        (r.get("noise") for c in involved if c is not None and c.variant == "noisy" for r in c.runs), None
+    )
+    if noise:
+        f.caveats.append(
+            f"the noise: mean_range {noise['mean_range']}, std_range {tuple(noise['std_range'])}; how much "
+            "accuracy the noise costs grows with its size (see docs/study.md)"
+        )
     return f
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from normzoo.study import StudyConfig, build_plan
 from normzoo.study.grid import BASELINE, FACTORS, RunSpec
-from normzoo.study.runner import _legacy_run_key, run_key
+from normzoo.study.runner import _legacy_run_key, run_identity, run_key
 
 
 def _old_key(spec: RunSpec, config: StudyConfig) -> str:
@@ -52,9 +52,10 @@ def test_keys_written_by_the_previous_release_are_kept() -> None:
     assert run_key(_find(tiny_plan, "baseline:baseline", "vanilla"), tiny) == "f67513743ba0c6d5"
     assert run_key(_find(tiny_plan, "baseline:baseline", "vanilla", 1), tiny) == "964779c3e4e82f99"
     assert run_key(_find(tiny_plan, "baseline:baseline", "batchnorm"), tiny) == "3c921923bce6cc73"
-    for variant, key in (("batchnorm", "9de467e57796c29b"), ("renorm", "ea8a48ff9188c6fe"),
-                         ("noisy", "b30916b27ca07dac")):  # fmt: skip
+    for variant, key in (("batchnorm", "9de467e57796c29b"), ("renorm", "ea8a48ff9188c6fe")):
         assert run_key(_find(quick_plan, "batch_size:bs=4", variant), quick) == key
+    # noisy runs moved on purpose: the study's noise is now half the layer's default (NOISY_NOISE)
+    assert run_key(_find(quick_plan, "batch_size:bs=4", "noisy"), quick) != "b30916b27ca07dac"
     # the vanilla run at batch 4 read the norm momentum into its key: it moved, its old key is remembered
     vanilla = _find(quick_plan, "batch_size:bs=4", "vanilla")
     assert run_key(vanilla, quick) != "cad141f6222d08ac"
@@ -62,18 +63,24 @@ def test_keys_written_by_the_previous_release_are_kept() -> None:
 
 
 @pytest.mark.parametrize("preset", ["tiny", "quick", "full"])
-def test_only_vanilla_runs_with_a_norm_momentum_change_key(preset: str) -> None:
+def test_only_vanilla_runs_with_a_norm_momentum_and_noisy_runs_change_key(preset: str) -> None:
     config = StudyConfig(preset=preset)
     plan = build_plan(config)
     moved = [s for s in plan if run_key(s, config) != _old_key(s, config)]
     expected = [s for s in plan if s.variant == "vanilla" and s.recipe.norm_momentum is not None]
-    assert moved == expected
+    noisy = [s for s in plan if s.variant == "noisy"]  # other noise, and the ICS of their diagnostics
+    assert moved == [s for s in plan if s in expected or s in noisy]
     if preset == "full":  # batch 2 to 32, both models, three seeds
-        assert len(moved) == 5 * 2 * 3
+        assert len(expected) == 5 * 2 * 3
     for spec in plan:
         legacy = _legacy_run_key(spec, config)
         assert legacy == (_old_key(spec, config) if spec in expected else None)
-    for spec in moved:  # the key of the same run without the momentum: the momentum no longer counts
+    for spec in noisy:  # a noisy run's identity names its noise
+        assert run_identity(spec, config)["noise"] == {"mean_range": 0.25, "std_range": [0.05, 0.25]}
+        assert run_identity(spec, config)["diagnostics"] == (
+            {"ics_randomness": "fresh"} if spec.diagnostics else False
+        )
+    for spec in expected:  # the key of the same run without the momentum: the momentum no longer counts
         assert run_key(spec, config) == _old_key(
             dataclasses.replace(spec, recipe=spec.recipe.replace(norm_momentum=None)), config
         )
