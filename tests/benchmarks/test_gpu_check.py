@@ -51,7 +51,8 @@ def test_summary_reads_pytests_report_and_the_benchmarks_json(tmp_path: Path, fa
     verdict = "FAIL" if failures else "PASS"
     assert f"equivalence (pytest -m cuda): {verdict}: {9 - failures} passed, {failures} failed" in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.strip().startswith("normzoo ")]
-    assert len(rows) == 4  # BatchNorm2d, two BatchRenorm2d rows, NoisyBatchNorm2d; none of the others
+    # BatchNorm2d, two BatchRenorm2d rows, NoisyBatchNorm2d, the two skip_nonfinite rows; none of the others
+    assert len(rows) == 6
     assert all(re.search(r"\d+\.\d\dx", row) for row in rows)
 
 
