@@ -304,7 +304,8 @@ def jacobian_singular_values(
     power iterations, applying the Jacobians only to ``rank + oversample`` probes a sample
     (``2·power_iters + 2`` passes; memory ``O((rank + oversample)·N·d)``). Both stack the probes into the
     batch dimension of ``fn`` and use reverse-mode autograd alone (``J v`` by double backward), so ``fn``
-    must be twice differentiable but needs no forward-mode (``jvp``) support. ``"auto"`` is exact when
+    must support double backward (ReLU, max-pooling and torch's norm layers do) but needs no forward-mode
+    (``jvp``) support. ``"auto"`` is exact when
     ``max(d_in, d_out) <= max_exact_dim``. ``rms`` covers *all* singular values either way (exact, or a
     Hutchinson estimate from the first probes). Computed in float32 (float64 inputs stay float64).
 
