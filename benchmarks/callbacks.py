@@ -210,6 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.side_by_side:
         if len(os.sched_getaffinity(0)) < 2:
             parser.error("--side-by-side needs two CPUs")
+        # each fit is pinned to one CPU and runs one torch thread: other settings would not be honoured
+        if args.threads not in (None, 1):
+            parser.error(
+                f"--side-by-side runs each fit on one CPU with one thread; got --threads {args.threads}"
+            )
+        if args.per_monitor:
+            parser.error("--per-monitor runs in the default mode only; drop --side-by-side to use it")
         pairs = []
         for r in range(args.repeats):
             pairs.append(side_by_side_round(args, r))
