@@ -1078,7 +1078,8 @@ def _ray_attempts(
     (Ray's own resolution when ``None``: ``RAY_ADDRESS``, a cluster started with ``ray start``, else a new
     local instance), and shuts down what it started. At most ``config.workers`` tasks are in flight when it
     is set; otherwise every run is submitted and Ray schedules them by their :func:`ray_resources`. Stopped
-    early (Ctrl-C, SIGTERM, an error of the caller), it cancels the outstanding tasks.
+    early (Ctrl-C, SIGTERM, an error of the caller), it cancels the outstanding tasks (on a cluster it
+    joined) or shuts down the instance it started, tasks and all.
     """
     ray = _import_ray()
     started = not ray.is_initialized()
@@ -1116,9 +1117,13 @@ def _ray_attempts(
                     outcome = ("error", f"{type(error).__name__}: {error}", str(error))
                 yield i, outcome
     except BaseException:
-        for ref in pending:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
+        # An instance the study started goes down with its tasks in the shutdown below. Cancelling them first
+        # races with their replies: Ray 2.60 then aborts this process ("Tried to complete task that was not
+        # pending"), seen on SIGTERM in a CI run. Tasks on a cluster the study joined must be cancelled.
+        if not started:
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
         raise
     finally:
         if started:
